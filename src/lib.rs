@@ -1,0 +1,22 @@
+//! ovlfuse: an overlay (union) filesystem in user space that never lies about durability.
+//!
+//! Module map (one concern each): `options` parses the command line; `layers` opens and
+//! checks the layer directories; `whiteout` recognises whiteouts and opaque directories;
+//! `lookup` resolves a name across layers; `readdir` merges listings; `inodes` keeps the FUSE
+//! inode table; `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
+//! `mount` and `relay` attach the FUSE connection; `daemon` runs the process lifecycle;
+//! `demo` builds and shows an example union; `sys` wraps the system calls.
+
+pub mod daemon;
+pub mod demo;
+pub mod fs;
+pub mod inodes;
+pub mod layers;
+pub mod lookup;
+pub mod mount;
+pub mod options;
+pub mod readdir;
+pub mod relay;
+pub mod sys;
+pub mod whiteout;
+pub mod xattr;

@@ -1,0 +1,1647 @@
+//! A thin relay between the kernel's `/dev/fuse` connection and fuser's `Session`,
+//! so that no kernel request can be left unanswered.
+//!
+//! What it owns: the one real `/dev/fuse` descriptor (replies must be written to
+//! the descriptor the request was read from, because the kernel keeps the
+//! "being processed" list per device file, so there is exactly one and it is
+//! never cloned), a `SOCK_SEQPACKET` socketpair whose other end fuser reads as if
+//! it were the device, and the threads that copy between them:
+//!
+//! * inbound (two threads): read a request from the device, decide with
+//!   [`route`] whether fuser may see it, and either forward the bytes unchanged
+//!   as one seqpacket message or answer it right here;
+//! * outbound (one thread): receive fuser's replies and notifications from the
+//!   socket and write each one, unchanged, to the device.
+//!
+//! It also owns shutdown: when the device reports ENODEV (unmount or abort), or
+//! after a FUSE_DESTROY was forwarded, it injects synthetic FUSE_DESTROY messages
+//! so every fuser worker thread leaves its loop cleanly and `Session::run`
+//! returns and calls the filesystem's `destroy()`.
+//!
+//! What it must never do: interpret or alter request or reply payloads (the
+//! single exception is clamping `max_write`/`max_pages` in the INIT reply, so the
+//! kernel can never send a request, or ask for a reply, bigger than the relay's
+//! buffers); hand fuser an opcode fuser cannot parse; write the reply to a
+//! synthetic request to the kernel; or block on anything but the device and the
+//! socket.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// FUSE opcodes the relay has to know by number.
+pub mod opcode {
+    pub const FORGET: u32 = 2;
+    pub const INIT: u32 = 26;
+    pub const INTERRUPT: u32 = 36;
+    pub const DESTROY: u32 = 38;
+    pub const NOTIFY_REPLY: u32 = 41;
+    pub const BATCH_FORGET: u32 = 42;
+    pub const SETUPMAPPING: u32 = 48;
+    pub const REMOVEMAPPING: u32 = 49;
+    pub const SYNCFS: u32 = 50;
+    pub const TMPFILE: u32 = 51;
+    pub const STATX: u32 = 52;
+}
+
+/// Size of `struct fuse_in_header`.
+pub const IN_HEADER_LEN: usize = 40;
+/// Size of `struct fuse_out_header`.
+const OUT_HEADER_LEN: usize = 16;
+
+/// Bytes reserved on top of `max_write` for the headers of a WRITE request
+/// (fuse_in_header + fuse_write_in = 80; the kernel refuses reads into a buffer
+/// smaller than that plus max_write) and for SETXATTR-style name+value requests.
+const REQUEST_HEADROOM: usize = 4096;
+/// The largest `max_write` we ever offer. fuser's own default (16 MiB) would make
+/// the kernel refuse our reads (EINVAL) unless the buffers were as large.
+const MAX_WRITE_CAP: usize = 1 << 20;
+/// Socket buffer we ask for on each end; the kernel doubles it for bookkeeping.
+const SOCKET_BUFFER_REQUEST: libc::c_int = 4 << 20;
+/// A unix datagram/seqpacket message must satisfy `len <= sk_sndbuf - 32`.
+const UNIX_DGRAM_OVERHEAD: usize = 32;
+/// Pages per request the kernel uses when FUSE_MAX_PAGES is not negotiated.
+const KERNEL_DEFAULT_MAX_PAGES: usize = 32;
+
+/// Number of threads reading the device. Two, so that one can read the next
+/// request while the other is still handing a large WRITE to the socket.
+const INBOUND_THREADS: usize = 2;
+/// Synthetic DESTROY requests use uniques counting down from here; the kernel's
+/// counter starts near zero and steps by 2, so it never gets there.
+const SYNTHETIC_TOP: u64 = u64::MAX;
+/// Upper bound on `fuser_threads`, which also bounds the synthetic unique range.
+const MAX_FUSER_THREADS: usize = 1024;
+const SYNTHETIC_FLOOR: u64 = SYNTHETIC_TOP - MAX_FUSER_THREADS as u64;
+/// How often the outbound thread wakes up while idle, to notice a stuck shutdown.
+const OUTBOUND_TICK: Duration = Duration::from_millis(250);
+/// How long after shutdown began the outbound thread waits for fuser to answer
+/// the synthetic DESTROYs before giving up (a filesystem call may still be busy).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `struct fuse_in_header`, decoded (host byte order, like the kernel ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InHeader {
+    pub len: u32,
+    pub opcode: u32,
+    pub unique: u64,
+    pub nodeid: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    pub total_extlen: u16,
+}
+
+impl InHeader {
+    /// Decode the first 40 bytes of `buf`; `None` if it is shorter.
+    pub fn parse(buf: &[u8]) -> Option<InHeader> {
+        let h: &[u8; IN_HEADER_LEN] = buf.get(..IN_HEADER_LEN)?.try_into().ok()?;
+        let u32_at = |o: usize| u32::from_ne_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Some(InHeader {
+            len: u32_at(0),
+            opcode: u32_at(4),
+            unique: u64_at(8),
+            nodeid: u64_at(16),
+            uid: u32_at(24),
+            gid: u32_at(28),
+            pid: u32_at(32),
+            total_extlen: u16::from_ne_bytes([h[36], h[37]]),
+        })
+    }
+
+    fn encode(&self) -> [u8; IN_HEADER_LEN] {
+        let mut out = [0u8; IN_HEADER_LEN];
+        out[0..4].copy_from_slice(&self.len.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.opcode.to_ne_bytes());
+        out[8..16].copy_from_slice(&self.unique.to_ne_bytes());
+        out[16..24].copy_from_slice(&self.nodeid.to_ne_bytes());
+        out[24..28].copy_from_slice(&self.uid.to_ne_bytes());
+        out[28..32].copy_from_slice(&self.gid.to_ne_bytes());
+        out[32..36].copy_from_slice(&self.pid.to_ne_bytes());
+        out[36..38].copy_from_slice(&self.total_extlen.to_ne_bytes());
+        out
+    }
+}
+
+/// Whether fuser 0.18.0 can parse `opcode`: exactly the Linux variants of its
+/// `fuse_opcode` enum (1-6, 8-18, 20-47; 7 and 19 were never assigned). CUSE_INIT
+/// (4096) is in that enum too but is never sent on a FUSE mount, so it is left
+/// out. Anything else must not reach fuser.
+pub fn fuser_parses(opcode: u32) -> bool {
+    matches!(opcode, 1..=6 | 8..=18 | 20..=47)
+}
+
+/// Requests the kernel expects no reply to (FORGET, BATCH_FORGET, and the
+/// NOTIFY_REPLY that carries retrieved data).
+fn expects_reply(opcode: u32) -> bool {
+    !matches!(
+        opcode,
+        opcode::FORGET | opcode::BATCH_FORGET | opcode::NOTIFY_REPLY
+    )
+}
+
+/// The hook that lets the daemon answer requests in the relay instead of in fuser:
+/// for opcodes fuser cannot parse at all (FUSE_SYNCFS must get a real result), or
+/// to override one.
+///
+/// Called on an inbound relay thread for every request except the protocol ones
+/// the relay always forwards (INIT, DESTROY, INTERRUPT, FORGET, BATCH_FORGET,
+/// NOTIFY_REPLY). It must be quick, and must never touch the mounted tree (that
+/// would send a request to ourselves and deadlock the relay).
+pub trait LocalAnswer: Send + Sync {
+    /// `Some(0)` answers success with no payload, so it only fits opcodes whose
+    /// reply has no body (SYNCFS, FLUSH, FSYNC, ...). `Some(-errno)` answers that
+    /// error. `None` lets the relay decide: forward if fuser can parse the opcode,
+    /// else answer ENOSYS.
+    fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32>;
+}
+
+/// The default [`LocalAnswer`]: ENOSYS for every opcode fuser cannot parse, and
+/// nothing else. After ENOSYS the kernel stops asking (O_TMPFILE then fails with
+/// EOPNOTSUPP, statx falls back to GETATTR, syncfs reports success).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnsupportedOpcodes;
+
+impl LocalAnswer for UnsupportedOpcodes {
+    fn answer(&self, opcode: u32, _header: &InHeader, _body: &[u8]) -> Option<i32> {
+        (!fuser_parses(opcode)).then_some(-libc::ENOSYS)
+    }
+}
+
+/// What the relay does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Hand the bytes to fuser.
+    Forward,
+    /// Reply right here with this result (0 or a negative errno).
+    Answer(i32),
+}
+
+/// The single place that decides whether a request reaches fuser.
+///
+/// Order matters: protocol requests always go to fuser (it must negotiate INIT,
+/// leave its loop on DESTROY, and never reply to FORGETs); then the daemon's
+/// [`LocalAnswer`] hook; then the safety net that keeps unparseable opcodes away
+/// from fuser whatever the hook said.
+pub fn route(local: &dyn LocalAnswer, header: &InHeader, body: &[u8]) -> Route {
+    let op = header.opcode;
+    if matches!(
+        op,
+        opcode::INIT
+            | opcode::DESTROY
+            | opcode::INTERRUPT
+            | opcode::FORGET
+            | opcode::BATCH_FORGET
+            | opcode::NOTIFY_REPLY
+    ) {
+        return Route::Forward;
+    }
+    if let Some(result) = local.answer(op, header, body) {
+        return Route::Answer(normalize_errno(result));
+    }
+    if fuser_parses(op) {
+        Route::Forward
+    } else {
+        Route::Answer(-libc::ENOSYS)
+    }
+}
+
+/// The kernel wants 0 or a negative errno in (-4096, 0); a positive errno is a
+/// sign slip and gets negated, anything else out of range becomes EIO (the
+/// kernel would otherwise reject the reply with EINVAL and the caller would hang).
+fn normalize_errno(result: i32) -> i32 {
+    match result {
+        0 => 0,
+        1..4096 => -result,
+        -4095..=-1 => result,
+        _ => -libc::EIO,
+    }
+}
+
+/// Why the relay is shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShutdownCause {
+    /// The device said ENODEV (unmounted or aborted) or failed for good.
+    Disconnected,
+    /// A real FUSE_DESTROY went to fuser; it stops one worker itself.
+    DestroyForwarded,
+}
+
+/// State shared by the relay threads. Everything is atomics except
+/// `shutdown_at`, which is written once at shutdown and read on the outbound
+/// thread's idle tick, so the per-request path takes no lock.
+struct Shared {
+    device: OwnedFd,
+    socket: OwnedFd,
+    fuser_threads: usize,
+    local: Arc<dyn LocalAnswer>,
+    max_write: u32,
+    /// Largest message the relay end may send (its sk_sndbuf - 32).
+    max_forward: usize,
+    /// Receive buffer for replies: fuser's sk_sndbuf, so nothing fuser managed to
+    /// send can be truncated.
+    reply_buf_len: usize,
+    /// Largest `max_pages` for which a full READ reply still fits fuser's socket.
+    max_reply_pages: u16,
+    /// Unique of the forwarded FUSE_INIT, whose reply gets clamped.
+    init_unique: AtomicU64,
+    init_pending: AtomicBool,
+    /// Set once fuser's end is closed: from then on requests are answered EIO.
+    fuser_gone: AtomicBool,
+    shutdown_started: AtomicBool,
+    shutdown_at: Mutex<Option<Instant>>,
+    injected: AtomicUsize,
+    injection_done: AtomicBool,
+    /// Test-only statistics: requests seen per opcode (63 = "63 or above"),
+    /// and the largest request forwarded / reply relayed.
+    #[cfg(test)]
+    seen: [AtomicU64; 64],
+    #[cfg(test)]
+    largest_request: AtomicUsize,
+    #[cfg(test)]
+    largest_reply: AtomicUsize,
+}
+
+impl Shared {
+    fn inbound(&self) {
+        let mut buf = vec![0u8; self.max_write as usize + REQUEST_HEADROOM];
+        loop {
+            let n = match read_fd(self.device.as_fd(), &mut buf) {
+                Ok(n) => n,
+                // ENOENT: the request was interrupted and withdrawn before we got
+                // it; EINTR/EAGAIN: nothing read. All safe to retry.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::EINTR | libc::EAGAIN)
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    log::debug!("relay: /dev/fuse disconnected (unmounted or aborted)");
+                    self.begin_shutdown(ShutdownCause::Disconnected);
+                    return;
+                }
+                Err(e) => {
+                    log::error!("relay: reading a request from /dev/fuse failed: {e}; stopping");
+                    self.begin_shutdown(ShutdownCause::Disconnected);
+                    return;
+                }
+            };
+            let Some(header) = InHeader::parse(&buf[..n]) else {
+                log::error!(
+                    "relay: /dev/fuse returned a {n}-byte request, shorter than its header"
+                );
+                continue;
+            };
+            #[cfg(test)]
+            self.seen[(header.opcode as usize).min(63)].fetch_add(1, Ordering::Relaxed);
+
+            if self.shutdown_started.load(Ordering::Acquire)
+                || self.fuser_gone.load(Ordering::Acquire)
+            {
+                // fuser's workers are leaving or gone: nobody would answer.
+                self.answer(&header, -libc::EIO);
+                continue;
+            }
+            let end = (header.len as usize).clamp(IN_HEADER_LEN, n);
+            match route(&*self.local, &header, &buf[IN_HEADER_LEN..end]) {
+                Route::Forward => self.forward(&header, &buf[..n]),
+                Route::Answer(result) => self.answer(&header, result),
+            }
+        }
+    }
+
+    fn forward(&self, header: &InHeader, message: &[u8]) {
+        if message.len() > self.max_forward {
+            // Cannot happen while the INIT clamp holds; never let it hang a caller.
+            log::error!(
+                "relay: request {} (opcode {}) is {} bytes, more than the socket takes ({}); answering EIO",
+                header.unique,
+                header.opcode,
+                message.len(),
+                self.max_forward
+            );
+            self.answer(header, -libc::EIO);
+            return;
+        }
+        if header.opcode == opcode::INIT {
+            // Published before the send so the outbound thread knows it by the
+            // time fuser's reply comes back.
+            self.init_unique.store(header.unique, Ordering::Release);
+            self.init_pending.store(true, Ordering::Release);
+        }
+        if let Err(e) = send_message(self.socket.as_fd(), message) {
+            if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+                if !self.fuser_gone.swap(true, Ordering::AcqRel) {
+                    log::error!(
+                        "relay: fuser's end of the relay socket is closed; answering EIO from now on"
+                    );
+                }
+            } else {
+                log::error!(
+                    "relay: forwarding request {} (opcode {}) to fuser failed: {e}; answering EIO",
+                    header.unique,
+                    header.opcode
+                );
+            }
+            self.answer(header, -libc::EIO);
+            return;
+        }
+        #[cfg(test)]
+        self.largest_request
+            .fetch_max(message.len(), Ordering::Relaxed);
+        if header.opcode == opcode::DESTROY {
+            self.begin_shutdown(ShutdownCause::DestroyForwarded);
+        }
+    }
+
+    /// Reply to a request with a bare fuse_out_header carrying `result`.
+    fn answer(&self, header: &InHeader, result: i32) {
+        if !expects_reply(header.opcode) {
+            return;
+        }
+        let mut out = [0u8; OUT_HEADER_LEN];
+        out[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+        out[4..8].copy_from_slice(&result.to_ne_bytes());
+        out[8..16].copy_from_slice(&header.unique.to_ne_bytes());
+        match write_fd(self.device.as_fd(), &out) {
+            Ok(_) => {}
+            // ENOENT: the request was interrupted meanwhile; ENODEV: the
+            // connection is gone, so is the caller.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {}
+            Err(e) => log::error!(
+                "relay: answering request {} (opcode {}) with {result} failed: {e}",
+                header.unique,
+                header.opcode
+            ),
+        }
+    }
+
+    /// Make every fuser worker leave its loop: each returns Ok after reading one
+    /// FUSE_DESTROY, so send one per worker that has not already had a real one.
+    /// Runs at most once.
+    fn begin_shutdown(&self, cause: ShutdownCause) {
+        if self.shutdown_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.shutdown_at.lock() = Some(Instant::now());
+        let count = match cause {
+            ShutdownCause::Disconnected => self.fuser_threads,
+            ShutdownCause::DestroyForwarded => self.fuser_threads - 1,
+        };
+        let mut sent = 0;
+        for i in 0..count {
+            let destroy = InHeader {
+                len: IN_HEADER_LEN as u32,
+                opcode: opcode::DESTROY,
+                unique: SYNTHETIC_TOP - i as u64,
+                nodeid: 0,
+                uid: 0,
+                gid: 0,
+                pid: 0,
+                total_extlen: 0,
+            };
+            if let Err(e) = send_message(self.socket.as_fd(), &destroy.encode()) {
+                // EPIPE: fuser is already gone, which is what we wanted.
+                if e.raw_os_error() != Some(libc::EPIPE) {
+                    log::warn!("relay: sending a shutdown DESTROY to fuser failed: {e}");
+                }
+                break;
+            }
+            sent += 1;
+        }
+        log::debug!("relay: shutting down ({cause:?}); sent {sent} synthetic DESTROY");
+        self.injected.store(sent, Ordering::Release);
+        self.injection_done.store(true, Ordering::Release);
+    }
+
+    fn outbound(&self) {
+        let mut buf = vec![0u8; self.reply_buf_len];
+        let mut synthetic_seen = 0usize;
+        let mut device_gone = false;
+        loop {
+            if self.injection_done.load(Ordering::Acquire)
+                && synthetic_seen >= self.injected.load(Ordering::Acquire)
+            {
+                log::debug!("relay: every fuser worker acknowledged shutdown");
+                return;
+            }
+            let n = match recv_message(self.socket.as_fd(), &mut buf) {
+                // Every descriptor of fuser's end is closed: nothing more can come.
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let started = *self.shutdown_at.lock();
+                    if started.is_some_and(|t| t.elapsed() > SHUTDOWN_GRACE) {
+                        log::warn!(
+                            "relay: fuser did not finish within {SHUTDOWN_GRACE:?} of shutdown; \
+                             no longer relaying its replies"
+                        );
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    log::error!("relay: receiving replies from fuser failed: {e}; stopping");
+                    return;
+                }
+            };
+            if n < OUT_HEADER_LEN {
+                log::error!("relay: fuser sent a {n}-byte reply, shorter than its header");
+                continue;
+            }
+            let unique = u64::from_ne_bytes(buf[8..16].try_into().unwrap_or([0; 8]));
+            if n > buf.len() {
+                // MSG_TRUNC reported a message longer than our buffer. Cannot
+                // happen (the buffer is fuser's whole send buffer), but a lost
+                // reply would hang its caller, so fail the request instead.
+                log::error!("relay: reply {unique} of {n} bytes does not fit; answering EIO");
+                self.fail_request(unique);
+                continue;
+            }
+            if unique > SYNTHETIC_FLOOR {
+                synthetic_seen += 1;
+                continue;
+            }
+            if self.init_pending.load(Ordering::Acquire)
+                && unique == self.init_unique.load(Ordering::Acquire)
+            {
+                self.init_pending.store(false, Ordering::Release);
+                clamp_init_reply(&mut buf[..n], self.max_write, self.max_reply_pages);
+            }
+            if device_gone {
+                continue;
+            }
+            #[cfg(test)]
+            self.largest_reply.fetch_max(n, Ordering::Relaxed);
+            match write_fd(self.device.as_fd(), &buf[..n]) {
+                Ok(_) => {}
+                // The request was interrupted or aborted meanwhile (also the
+                // answer to replies for no-reply requests): nothing to do.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    log::debug!("relay: reply {unique}: request no longer pending");
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    // Keep draining so fuser's workers never block on a full socket.
+                    device_gone = true;
+                }
+                Err(e) => {
+                    log::error!(
+                        "relay: writing reply {unique} ({n} bytes) to /dev/fuse failed: {e}"
+                    )
+                }
+            }
+        }
+    }
+
+    fn fail_request(&self, unique: u64) {
+        let header = InHeader {
+            len: 0,
+            opcode: 0,
+            unique,
+            nodeid: 0,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+            total_extlen: 0,
+        };
+        self.answer(&header, -libc::EIO);
+    }
+}
+
+/// Lower `max_write` and `max_pages` in a FUSE_INIT reply to what the relay's
+/// buffers hold. Layout after the 16-byte out header (struct fuse_init_out):
+/// major@0 minor@4 max_readahead@8 flags@12 max_background@16
+/// congestion_threshold@18 max_write@20 time_gran@24 max_pages@28.
+fn clamp_init_reply(msg: &mut [u8], max_write: u32, max_pages: u16) {
+    let error = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
+    if error != 0 {
+        return;
+    }
+    const MAX_WRITE_AT: usize = OUT_HEADER_LEN + 20;
+    const MAX_PAGES_AT: usize = OUT_HEADER_LEN + 28;
+    if let Some(field) = msg.get_mut(MAX_WRITE_AT..MAX_WRITE_AT + 4) {
+        let asked = u32::from_ne_bytes([field[0], field[1], field[2], field[3]]);
+        if asked > max_write {
+            log::warn!(
+                "relay: the filesystem asked for max_write {asked} in INIT; clamping to {max_write} \
+                 (call KernelConfig::set_max_write with the relay's value)"
+            );
+            field.copy_from_slice(&max_write.to_ne_bytes());
+        }
+    }
+    if let Some(field) = msg.get_mut(MAX_PAGES_AT..MAX_PAGES_AT + 2) {
+        let asked = u16::from_ne_bytes([field[0], field[1]]);
+        if asked > max_pages {
+            log::debug!("relay: clamping max_pages {asked} in INIT to {max_pages}");
+            field.copy_from_slice(&max_pages.to_ne_bytes());
+        }
+    }
+}
+
+/// The running relay. Dropping it detaches the threads; they still end on unmount.
+pub struct Relay {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("device", &self.shared.device)
+            .field("max_write", &self.shared.max_write)
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl Relay {
+    /// The real `/dev/fuse` descriptor, for ioctls that fuser would otherwise
+    /// issue on its end (which is a socket), e.g. FUSE_DEV_IOC_BACKING_OPEN for
+    /// passthrough. Never read from or write to it.
+    pub fn device(&self) -> BorrowedFd<'_> {
+        self.shared.device.as_fd()
+    }
+
+    /// The `max_write` the filesystem must pass to `KernelConfig::set_max_write`.
+    pub fn max_write(&self) -> u32 {
+        self.shared.max_write
+    }
+
+    /// Wait until the connection is gone and fuser has been told to stop.
+    /// Returns after the device reports ENODEV (unmount/abort) and fuser's
+    /// workers acknowledged the synthetic DESTROYs (or a grace period passed).
+    pub fn join(self) {
+        for handle in self.threads {
+            let name = handle.thread().name().unwrap_or("relay").to_string();
+            if handle.join().is_err() {
+                log::error!("relay: thread {name} panicked");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn seen(&self, op: u32) -> u64 {
+        self.shared.seen[(op as usize).min(63)].load(Ordering::Relaxed)
+    }
+}
+
+/// Start relaying `device` (a mounted `/dev/fuse` descriptor whose INIT has not
+/// been read yet).
+///
+/// Returns the relay, fuser's end of the socket (pass it to
+/// `fuser::Session::from_fd` with `Config::n_threads == Some(fuser_threads)` and
+/// `clone_fd == false`), and the `max_write` the filesystem must set in `init`.
+pub fn start(
+    device: OwnedFd,
+    fuser_threads: usize,
+    local: Arc<dyn LocalAnswer>,
+) -> io::Result<(Relay, OwnedFd, u32)> {
+    if !(1..=MAX_FUSER_THREADS).contains(&fuser_threads) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("relay: fuser_threads must be 1..={MAX_FUSER_THREADS}, got {fuser_threads}"),
+        ));
+    }
+    let (relay_end, fuser_end) = seqpacket_pair()?;
+    for fd in [&relay_end, &fuser_end] {
+        enlarge_buffers(fd.as_fd())?;
+    }
+    let relay_sndbuf = socket_buffer(relay_end.as_fd(), libc::SO_SNDBUF)?;
+    let fuser_sndbuf = socket_buffer(fuser_end.as_fd(), libc::SO_SNDBUF)?;
+    let page = page_size();
+
+    let max_forward = relay_sndbuf.saturating_sub(UNIX_DGRAM_OVERHEAD);
+    let max_reply = fuser_sndbuf.saturating_sub(UNIX_DGRAM_OVERHEAD);
+    let write_room = max_forward
+        .saturating_sub(REQUEST_HEADROOM)
+        .min(MAX_WRITE_CAP);
+    let max_write = prev_power_of_two(write_room);
+    // A READ reply is the out header plus up to max_pages pages.
+    let reply_pages = max_reply.saturating_sub(REQUEST_HEADROOM) / page;
+    if max_write < 4096 || reply_pages < KERNEL_DEFAULT_MAX_PAGES {
+        return Err(io::Error::other(format!(
+            "relay: socket buffers too small (send buffers {relay_sndbuf} and {fuser_sndbuf} bytes; \
+             need room for a {}-byte READ reply); raise net.core.wmem_max or run as root",
+            KERNEL_DEFAULT_MAX_PAGES * page
+        )));
+    }
+    let max_write_u32 = u32::try_from(max_write).map_err(io::Error::other)?;
+    let max_reply_pages = u16::try_from(reply_pages).unwrap_or(u16::MAX);
+
+    // The outbound thread wakes up periodically so a shutdown whose DESTROYs are
+    // never answered cannot make join() hang.
+    set_receive_timeout(relay_end.as_fd(), OUTBOUND_TICK)?;
+
+    log::debug!(
+        "relay: socket send buffers {relay_sndbuf}/{fuser_sndbuf}; max_write {max_write}, \
+         max_pages {max_reply_pages}"
+    );
+    let shared = Arc::new(Shared {
+        device,
+        socket: relay_end,
+        fuser_threads,
+        local,
+        max_write: max_write_u32,
+        max_forward,
+        reply_buf_len: fuser_sndbuf,
+        max_reply_pages,
+        init_unique: AtomicU64::new(0),
+        init_pending: AtomicBool::new(false),
+        fuser_gone: AtomicBool::new(false),
+        shutdown_started: AtomicBool::new(false),
+        shutdown_at: Mutex::new(None),
+        injected: AtomicUsize::new(0),
+        injection_done: AtomicBool::new(false),
+        #[cfg(test)]
+        seen: std::array::from_fn(|_| AtomicU64::new(0)),
+        #[cfg(test)]
+        largest_request: AtomicUsize::new(0),
+        #[cfg(test)]
+        largest_reply: AtomicUsize::new(0),
+    });
+
+    let mut threads = Vec::with_capacity(INBOUND_THREADS + 1);
+    let out = Arc::clone(&shared);
+    threads.push(spawn("ovlfuse-relay-out", move || out.outbound())?);
+    for i in 0..INBOUND_THREADS {
+        let inb = Arc::clone(&shared);
+        threads.push(spawn(&format!("ovlfuse-relay-in{i}"), move || {
+            inb.inbound()
+        })?);
+    }
+    Ok((Relay { shared, threads }, fuser_end, max_write_u32))
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|e| io::Error::new(e.kind(), format!("relay: cannot start thread {name}: {e}")))
+}
+
+fn prev_power_of_two(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        1 << (usize::BITS - 1 - n.leading_zeros())
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|&s| s > 0)
+        .unwrap_or(4096)
+}
+
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("relay: socketpair failed: {e}"),
+        ));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Ask for SOCKET_BUFFER_REQUEST on both directions. The *FORCE variants ignore
+/// net.core.[rw]mem_max but need CAP_NET_ADMIN; without it the plain options are
+/// silently capped, and `start` works out max_write from what it really got.
+fn enlarge_buffers(fd: BorrowedFd<'_>) -> io::Result<()> {
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        if let Err(e) = set_int_opt(fd, force, SOCKET_BUFFER_REQUEST) {
+            if e.raw_os_error() != Some(libc::EPERM) {
+                return Err(e);
+            }
+            set_int_opt(fd, plain, SOCKET_BUFFER_REQUEST)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_int_opt(fd: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("relay: setsockopt({name}) on the relay socket failed: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn socket_buffer(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("relay: getsockopt({name}) on the relay socket failed: {e}"),
+        ));
+    }
+    usize::try_from(value).map_err(io::Error::other)
+}
+
+fn set_receive_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("relay: setting SO_RCVTIMEO on the relay socket failed: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Send one seqpacket message. MSG_NOSIGNAL: a closed peer must be an EPIPE
+/// error, not a process-killing SIGPIPE.
+fn send_message(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<()> {
+    loop {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Receive one seqpacket message. With MSG_TRUNC a unix socket returns the real
+/// message length even when it exceeded `buf`, so truncation is detectable.
+fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::tests::{MountGuard, TempDir, is_root, within};
+    use crate::mount::{MountSpec, mount, unmount};
+    use std::ffi::{CString, OsStr};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::AtomicBool;
+    use std::time::UNIX_EPOCH;
+
+    use fuser::{
+        Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+        LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
+        ReplyWrite, Request, TimeOrNow, WriteFlags,
+    };
+    use parking_lot::RwLock;
+
+    const HANG_LIMIT: Duration = Duration::from_secs(10);
+
+    // ---- pure logic ----
+
+    #[test]
+    fn fuser_opcode_set_matches_fuser_0_18() {
+        let parsed: Vec<u32> = (0..4200).filter(|&op| fuser_parses(op)).collect();
+        let expected: Vec<u32> = (1..=6).chain(8..=18).chain(20..=47).collect();
+        assert_eq!(parsed, expected);
+        for op in [
+            opcode::SETUPMAPPING,
+            opcode::REMOVEMAPPING,
+            opcode::SYNCFS,
+            opcode::TMPFILE,
+            opcode::STATX,
+            53,
+            4096,
+        ] {
+            assert!(!fuser_parses(op), "{op}");
+        }
+    }
+
+    fn header(op: u32) -> InHeader {
+        InHeader {
+            len: IN_HEADER_LEN as u32,
+            opcode: op,
+            unique: 42,
+            nodeid: 1,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            total_extlen: 0,
+        }
+    }
+
+    struct Syncfs(i32);
+    impl LocalAnswer for Syncfs {
+        fn answer(&self, op: u32, _h: &InHeader, _b: &[u8]) -> Option<i32> {
+            match op {
+                opcode::SYNCFS => Some(self.0),
+                // A buggy hook trying to swallow protocol requests.
+                opcode::INIT | opcode::FORGET | opcode::DESTROY => Some(-libc::EIO),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn routing_decisions() {
+        let d = UnsupportedOpcodes;
+        assert_eq!(route(&d, &header(1), &[]), Route::Forward);
+        assert_eq!(route(&d, &header(47), &[]), Route::Forward);
+        for op in [7, 19, 48, 49, 50, 51, 52, 53, 200, 4096] {
+            assert_eq!(
+                route(&d, &header(op), &[]),
+                Route::Answer(-libc::ENOSYS),
+                "{op}"
+            );
+        }
+        let s = Syncfs(0);
+        assert_eq!(route(&s, &header(opcode::SYNCFS), &[]), Route::Answer(0));
+        assert_eq!(route(&s, &header(opcode::INIT), &[]), Route::Forward);
+        assert_eq!(route(&s, &header(opcode::FORGET), &[]), Route::Forward);
+        assert_eq!(route(&s, &header(opcode::DESTROY), &[]), Route::Forward);
+        // Without an answer the safety net still applies.
+        assert_eq!(
+            route(&s, &header(opcode::TMPFILE), &[]),
+            Route::Answer(-libc::ENOSYS)
+        );
+        assert_eq!(
+            route(&Syncfs(libc::EROFS), &header(opcode::SYNCFS), &[]),
+            Route::Answer(-libc::EROFS)
+        );
+        assert_eq!(
+            route(&Syncfs(-100_000), &header(opcode::SYNCFS), &[]),
+            Route::Answer(-libc::EIO)
+        );
+    }
+
+    #[test]
+    fn in_header_round_trip() {
+        let h = InHeader {
+            len: 0x1234_5678,
+            opcode: 51,
+            unique: 0x0102_0304_0506_0708,
+            nodeid: u64::MAX - 7,
+            uid: 1000,
+            gid: 100,
+            pid: 4242,
+            total_extlen: 3,
+        };
+        assert_eq!(InHeader::parse(&h.encode()), Some(h));
+        assert_eq!(InHeader::parse(&h.encode()[..39]), None);
+    }
+
+    #[test]
+    fn init_reply_is_clamped() {
+        let mut msg = vec![0u8; OUT_HEADER_LEN + 64];
+        msg[36..40].copy_from_slice(&(16u32 << 20).to_ne_bytes());
+        msg[44..46].copy_from_slice(&4096u16.to_ne_bytes());
+        clamp_init_reply(&mut msg, 1 << 20, 256);
+        assert_eq!(u32::from_ne_bytes(msg[36..40].try_into().unwrap()), 1 << 20);
+        assert_eq!(u16::from_ne_bytes(msg[44..46].try_into().unwrap()), 256);
+        // Smaller values and error replies are left alone.
+        clamp_init_reply(&mut msg, 2 << 20, 512);
+        assert_eq!(u32::from_ne_bytes(msg[36..40].try_into().unwrap()), 1 << 20);
+        let mut err = msg.clone();
+        err[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+        err[36..40].copy_from_slice(&(16u32 << 20).to_ne_bytes());
+        let before = err.clone();
+        clamp_init_reply(&mut err, 4096, 1);
+        assert_eq!(err, before);
+        // A short (old-ABI) reply must not be touched out of bounds.
+        let mut short = vec![0u8; OUT_HEADER_LEN + 8];
+        clamp_init_reply(&mut short, 4096, 1);
+    }
+
+    #[test]
+    fn power_of_two() {
+        assert_eq!(prev_power_of_two(0), 0);
+        assert_eq!(prev_power_of_two(1), 1);
+        assert_eq!(prev_power_of_two(4096), 4096);
+        assert_eq!(prev_power_of_two(8 << 20), 8 << 20);
+        assert_eq!(prev_power_of_two((1 << 20) + 5), 1 << 20);
+    }
+
+    /// A connected seqpacket pair is not limited by net.unix.max_dgram_qlen (10
+    /// here): the kernel skips the receive-queue check when the receiver's peer
+    /// is the sender, so only the send buffer bounds what is in flight.
+    #[test]
+    fn socketpair_queue_is_bounded_by_bytes_not_count() {
+        let (a, b) = seqpacket_pair().unwrap();
+        enlarge_buffers(a.as_fd()).unwrap();
+        let msg = [7u8; 64];
+        let mut queued = 0;
+        for _ in 0..1000 {
+            // SAFETY: valid buffer.
+            let n = unsafe {
+                libc::send(
+                    a.as_raw_fd(),
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                break;
+            }
+            queued += 1;
+        }
+        assert_eq!(queued, 1000);
+        let mut buf = [0u8; 128];
+        assert_eq!(recv_message(b.as_fd(), &mut buf).unwrap(), 64);
+    }
+
+    // ---- a tiny filesystem: root directory with one file, "data" ----
+
+    const ROOT: u64 = 1;
+    const DATA: u64 = 2;
+
+    struct TinyFs {
+        content: Arc<RwLock<Vec<u8>>>,
+        ttl: Duration,
+        max_write: Option<u32>,
+        destroyed: Arc<AtomicBool>,
+    }
+
+    fn attr(ino: u64, size: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: if ino == ROOT {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: if ino == ROOT { 0o755 } else { 0o644 },
+            nlink: if ino == ROOT { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    impl TinyFs {
+        fn attr_of(&self, ino: u64) -> Option<FileAttr> {
+            match ino {
+                ROOT => Some(attr(ROOT, 0)),
+                DATA => Some(attr(DATA, self.content.read().len() as u64)),
+                _ => None,
+            }
+        }
+    }
+
+    impl Filesystem for TinyFs {
+        fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+            if let Some(max_write) = self.max_write {
+                config.set_max_write(max_write).map_err(|nearest| {
+                    io::Error::other(format!("max_write {max_write} refused; nearest {nearest}"))
+                })?;
+            }
+            Ok(())
+        }
+
+        fn destroy(&mut self) {
+            self.destroyed.store(true, Ordering::SeqCst);
+        }
+
+        fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+            if u64::from(parent) == ROOT && name == "data" {
+                let a = attr(DATA, self.content.read().len() as u64);
+                reply.entry(&self.ttl, &a, fuser::Generation(0));
+            } else {
+                reply.error(Errno::ENOENT);
+            }
+        }
+
+        fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+            match self.attr_of(ino.into()) {
+                Some(a) => reply.attr(&self.ttl, &a),
+                None => reply.error(Errno::ENOENT),
+            }
+        }
+
+        fn setattr(
+            &self,
+            _req: &Request,
+            ino: INodeNo,
+            _mode: Option<u32>,
+            _uid: Option<u32>,
+            _gid: Option<u32>,
+            size: Option<u64>,
+            _atime: Option<TimeOrNow>,
+            _mtime: Option<TimeOrNow>,
+            _ctime: Option<std::time::SystemTime>,
+            _fh: Option<FileHandle>,
+            _crtime: Option<std::time::SystemTime>,
+            _chgtime: Option<std::time::SystemTime>,
+            _bkuptime: Option<std::time::SystemTime>,
+            _flags: Option<fuser::BsdFileFlags>,
+            reply: ReplyAttr,
+        ) {
+            if let (DATA, Some(size)) = (u64::from(ino), size) {
+                self.content.write().resize(size as usize, 0);
+            }
+            match self.attr_of(ino.into()) {
+                Some(a) => reply.attr(&self.ttl, &a),
+                None => reply.error(Errno::ENOENT),
+            }
+        }
+
+        fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+
+        fn read(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            offset: u64,
+            size: u32,
+            _flags: OpenFlags,
+            _lock_owner: Option<LockOwner>,
+            reply: ReplyData,
+        ) {
+            let content = self.content.read();
+            let start = (offset as usize).min(content.len());
+            let end = (start + size as usize).min(content.len());
+            reply.data(&content[start..end]);
+        }
+
+        fn write(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            offset: u64,
+            data: &[u8],
+            _write_flags: WriteFlags,
+            _flags: OpenFlags,
+            _lock_owner: Option<LockOwner>,
+            reply: ReplyWrite,
+        ) {
+            let mut content = self.content.write();
+            let end = offset as usize + data.len();
+            if content.len() < end {
+                content.resize(end, 0);
+            }
+            content[offset as usize..end].copy_from_slice(data);
+            reply.written(data.len() as u32);
+        }
+
+        fn readdir(
+            &self,
+            _req: &Request,
+            ino: INodeNo,
+            _fh: FileHandle,
+            offset: u64,
+            mut reply: ReplyDirectory,
+        ) {
+            if u64::from(ino) != ROOT {
+                reply.error(Errno::ENOTDIR);
+                return;
+            }
+            let entries = [
+                (ROOT, FileType::Directory, "."),
+                (ROOT, FileType::Directory, ".."),
+                (DATA, FileType::RegularFile, "data"),
+            ];
+            for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                    break;
+                }
+            }
+            reply.ok();
+        }
+    }
+
+    // ---- harness ----
+
+    /// A mounted TinyFs. Field order is drop order: unmount before removing the dir.
+    struct Harness {
+        guard: MountGuard,
+        dir: TempDir,
+        relay: Option<Relay>,
+        session: crossbeam_channel::Receiver<io::Result<()>>,
+        destroyed: Arc<AtomicBool>,
+        content: Arc<RwLock<Vec<u8>>>,
+    }
+
+    impl Harness {
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.0.join(name)
+        }
+
+        /// Unmount and check that fuser's run() returned Ok, destroy() ran, and
+        /// the relay threads ended.
+        fn unmount_and_check(mut self) {
+            let mountpoint = self.dir.0.clone();
+            within("umount", move || unmount(&mountpoint)).unwrap();
+            let result = self
+                .session
+                .recv_timeout(HANG_LIMIT)
+                .expect("Session::run did not return after umount");
+            result.expect("Session::run returned an error");
+            assert!(
+                self.destroyed.load(Ordering::SeqCst),
+                "destroy() not called"
+            );
+            if let Some(relay) = self.relay.take() {
+                within("relay join", move || relay.join());
+            }
+            let _ = &self.guard;
+        }
+    }
+
+    fn tiny_fs(content: Vec<u8>, ttl: Duration, max_write: Option<u32>) -> TinyFs {
+        TinyFs {
+            content: Arc::new(RwLock::new(content)),
+            ttl,
+            max_write,
+            destroyed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn fuser_config(threads: usize) -> fuser::Config {
+        let mut config = fuser::Config::default();
+        config.n_threads = Some(threads);
+        config.clone_fd = false;
+        config
+    }
+
+    fn mount_with_relay(
+        tag: &str,
+        content: Vec<u8>,
+        ttl: Duration,
+        fuser_threads: usize,
+        local: Arc<dyn LocalAnswer>,
+    ) -> Harness {
+        let dir = TempDir::new(tag);
+        let spec = MountSpec {
+            mountpoint: dir.0.clone(),
+            fsname: format!("ovlfuse-{tag}"),
+            subtype: "ovlfuse".into(),
+            ms_flags: libc::MS_NOSUID | libc::MS_NODEV,
+            allow_other: true,
+            default_permissions: true,
+            read_only: false,
+        };
+        let mounted = mount(&spec).unwrap();
+        let guard = MountGuard(dir.0.clone());
+        let (relay, fuser_end, max_write) =
+            start(mounted.into_device(), fuser_threads, local).unwrap();
+        let fs = tiny_fs(content, ttl, Some(max_write));
+        let (destroyed, content) = (Arc::clone(&fs.destroyed), Arc::clone(&fs.content));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let result = fuser::Session::from_fd(
+                fs,
+                fuser_end,
+                fuser::SessionACL::All,
+                fuser_config(fuser_threads),
+            )
+            .and_then(|session| session.run());
+            let _ = tx.send(result);
+        });
+        Harness {
+            guard,
+            dir,
+            relay: Some(relay),
+            session: rx,
+            destroyed,
+            content,
+        }
+    }
+
+    fn mount_plain_fuser(tag: &str, content: Vec<u8>, ttl: Duration) -> Harness {
+        let dir = TempDir::new(tag);
+        let fs = tiny_fs(content, ttl, None);
+        let (destroyed, content) = (Arc::clone(&fs.destroyed), Arc::clone(&fs.content));
+        let mut config = fuser_config(2);
+        config.acl = fuser::SessionACL::All;
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("ovlfuse-{tag}")),
+            fuser::MountOption::Subtype("ovlfuse".into()),
+        ];
+        let session = fuser::Session::new(fs, &dir.0, &config).unwrap();
+        let guard = MountGuard(dir.0.clone());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(session.run());
+        });
+        Harness {
+            guard,
+            dir,
+            relay: None,
+            session: rx,
+            destroyed,
+            content,
+        }
+    }
+
+    fn c_path(path: &Path) -> CString {
+        CString::new(path.as_os_str().as_bytes()).unwrap()
+    }
+
+    /// open(dir, O_TMPFILE|O_RDWR); returns the errno (0 on success).
+    fn open_tmpfile(dir: PathBuf) -> i32 {
+        let c = c_path(&dir);
+        // SAFETY: valid path; the descriptor is closed right away.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+        if fd < 0 {
+            return io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+        }
+        // SAFETY: we own fd.
+        unsafe { libc::close(fd) };
+        0
+    }
+
+    /// statx(path, STATX_BASIC_STATS|STATX_BTIME); returns (errno, size).
+    fn statx_btime(path: PathBuf) -> (i32, u64) {
+        let c = c_path(&path);
+        // SAFETY: zeroed statx is a valid value to be overwritten.
+        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and output buffer.
+        let rc = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                0,
+                libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+                &mut buf,
+            )
+        };
+        if rc != 0 {
+            return (io::Error::last_os_error().raw_os_error().unwrap_or(-1), 0);
+        }
+        (0, buf.stx_size)
+    }
+
+    fn stat_errno(path: &CString) -> i32 {
+        // SAFETY: zeroed stat is a valid value to be overwritten.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and output buffer.
+        if unsafe { libc::stat(path.as_ptr(), &mut st) } == 0 {
+            0
+        } else {
+            io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    // ---- end to end ----
+
+    #[test]
+    fn relay_end_to_end() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        let _ = env_logger::builder().is_test(true).try_init();
+        let size = (1 << 20) + 123;
+        let h = mount_with_relay(
+            "e2e",
+            pattern(size),
+            Duration::from_secs(1),
+            2,
+            Arc::new(UnsupportedOpcodes),
+        );
+
+        let dir = h.dir.0.clone();
+        let names = within("readdir", move || {
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        });
+        assert_eq!(names, ["data"]);
+
+        let data = h.path("data");
+        let meta = within("stat", move || std::fs::metadata(data).unwrap());
+        assert_eq!(meta.len(), size as u64);
+        assert!(meta.is_file());
+
+        let data = h.path("data");
+        let read = within("1 MiB read", move || std::fs::read(data).unwrap());
+        assert!(read == pattern(size), "read back different bytes");
+
+        let relay = h.relay.as_ref().unwrap();
+        let largest_read = relay.shared.largest_reply.load(Ordering::Relaxed);
+
+        let errno = within("O_TMPFILE open", {
+            let dir = h.dir.0.clone();
+            move || open_tmpfile(dir)
+        });
+        assert_eq!(
+            errno,
+            libc::EOPNOTSUPP,
+            "O_TMPFILE should fail with EOPNOTSUPP"
+        );
+        assert_eq!(relay.seen(opcode::TMPFILE), 1);
+        // The kernel remembers ENOSYS: a second try does not even ask.
+        let errno = within("second O_TMPFILE open", {
+            let dir = h.dir.0.clone();
+            move || open_tmpfile(dir)
+        });
+        assert_eq!(errno, libc::EOPNOTSUPP);
+        assert_eq!(relay.seen(opcode::TMPFILE), 1);
+
+        let (errno, stx_size) = within("statx(STATX_BTIME)", {
+            let data = h.path("data");
+            move || statx_btime(data)
+        });
+        assert_eq!(errno, 0);
+        assert_eq!(stx_size, size as u64);
+        eprintln!(
+            "FUSE_STATX requests seen by the relay: {}",
+            relay.seen(opcode::STATX)
+        );
+
+        let errno = within("syncfs", {
+            let data = h.path("data");
+            move || {
+                let file = std::fs::File::open(data).unwrap();
+                // SAFETY: valid descriptor.
+                if unsafe { libc::syncfs(file.as_raw_fd()) } == 0 {
+                    0
+                } else {
+                    io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+                }
+            }
+        });
+        assert_eq!(errno, 0);
+        eprintln!(
+            "FUSE_SYNCFS requests seen by the relay: {}",
+            relay.seen(opcode::SYNCFS)
+        );
+
+        // A 1 MiB write arrives as max_write-sized WRITE requests.
+        let new = pattern(1 << 20).into_iter().rev().collect::<Vec<u8>>();
+        within("1 MiB write", {
+            let data = h.path("data");
+            let new = new.clone();
+            move || std::fs::write(data, new).unwrap()
+        });
+        assert!(*h.content.read() == new, "fs content differs after write");
+        let largest_write = relay.shared.largest_request.load(Ordering::Relaxed);
+        eprintln!(
+            "max_write {}; largest request forwarded {largest_write} bytes; \
+             largest read reply {largest_read} bytes",
+            relay.max_write()
+        );
+        assert!(
+            largest_write > relay.max_write() as usize,
+            "no full-size WRITE seen"
+        );
+
+        let mut seen: Vec<(usize, u64)> = (0..64)
+            .map(|op| (op, relay.shared.seen[op].load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        seen.sort();
+        eprintln!("opcodes seen by the relay (opcode, count): {seen:?}");
+
+        h.unmount_and_check();
+    }
+
+    /// Shutdown with more fuser workers than relay threads: every worker must
+    /// get its DESTROY, even with no traffic at all after INIT.
+    #[test]
+    fn relay_shutdown_with_many_workers() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        for threads in [1, 5] {
+            let h = mount_with_relay(
+                &format!("shutdown{threads}"),
+                b"hello\n".to_vec(),
+                Duration::from_secs(1),
+                threads,
+                Arc::new(UnsupportedOpcodes),
+            );
+            let data = h.path("data");
+            assert_eq!(
+                within("read", move || std::fs::read(data).unwrap()),
+                b"hello\n"
+            );
+            h.unmount_and_check();
+        }
+    }
+
+    /// The LocalAnswer hook answers an opcode fuser cannot parse with a real result.
+    #[test]
+    fn local_answer_hook_is_used() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        struct NoTmpfileButEnoent;
+        impl LocalAnswer for NoTmpfileButEnoent {
+            fn answer(&self, op: u32, _h: &InHeader, _b: &[u8]) -> Option<i32> {
+                (op == opcode::TMPFILE).then_some(-libc::EROFS)
+            }
+        }
+        let h = mount_with_relay(
+            "hook",
+            Vec::new(),
+            Duration::from_secs(1),
+            2,
+            Arc::new(NoTmpfileButEnoent),
+        );
+        let errno = within("O_TMPFILE open", {
+            let dir = h.dir.0.clone();
+            move || open_tmpfile(dir)
+        });
+        assert_eq!(errno, libc::EROFS);
+        h.unmount_and_check();
+    }
+
+    /// What plain fuser 0.18.0 (no relay) does with opcodes it cannot parse.
+    #[test]
+    fn plain_fuser_unknown_opcodes() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        let h = mount_plain_fuser("plain-unknown", b"x".to_vec(), Duration::from_secs(1));
+        let errno = within("O_TMPFILE open on plain fuser", {
+            let dir = h.dir.0.clone();
+            move || open_tmpfile(dir)
+        });
+        eprintln!("plain fuser: O_TMPFILE -> errno {errno}");
+        let (errno, _) = within("statx on plain fuser", {
+            let data = h.path("data");
+            move || statx_btime(data)
+        });
+        eprintln!("plain fuser: statx -> errno {errno}");
+        h.unmount_and_check();
+    }
+
+    /// 20,000 stat() calls with entry/attr TTL 0 (each one is a LOOKUP round
+    /// trip), through the relay and through a plain fuser mount.
+    /// Run with: cargo test --release -- --ignored --nocapture relay_overhead
+    #[test]
+    #[ignore = "benchmark; run explicitly"]
+    fn relay_overhead_benchmark() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        const N: usize = 20_000;
+        fn time_stats(h: &Harness) -> Duration {
+            let path = c_path(&h.path("data"));
+            // Warm up (and let the kernel learn ENOSYS for anything optional).
+            for _ in 0..500 {
+                assert_eq!(stat_errno(&path), 0);
+            }
+            let begin = Instant::now();
+            for _ in 0..N {
+                assert_eq!(stat_errno(&path), 0);
+            }
+            begin.elapsed()
+        }
+        let mut results = Vec::new();
+        for round in 0..3 {
+            let relay = mount_with_relay(
+                &format!("bench-relay{round}"),
+                b"x".to_vec(),
+                Duration::ZERO,
+                2,
+                Arc::new(UnsupportedOpcodes),
+            );
+            let with_relay = time_stats(&relay);
+            let lookups = relay.relay.as_ref().map_or(0, |r| r.seen(1));
+            relay.unmount_and_check();
+
+            let plain = mount_plain_fuser(
+                &format!("bench-plain{round}"),
+                b"x".to_vec(),
+                Duration::ZERO,
+            );
+            let without = time_stats(&plain);
+            plain.unmount_and_check();
+            eprintln!(
+                "round {round}: relay {:.2} us/stat ({lookups} LOOKUPs), plain fuser {:.2} us/stat, ratio {:.3}",
+                with_relay.as_secs_f64() * 1e6 / N as f64,
+                without.as_secs_f64() * 1e6 / N as f64,
+                with_relay.as_secs_f64() / without.as_secs_f64()
+            );
+            results.push(with_relay.as_secs_f64() / without.as_secs_f64());
+        }
+        results.sort_by(f64::total_cmp);
+        eprintln!("median relay/plain ratio: {:.3}", results[1]);
+    }
+}

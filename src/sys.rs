@@ -1,0 +1,332 @@
+//! Thin, safe wrappers around the few system calls the layer code needs.
+//!
+//! Owns: every `unsafe` libc call made on layer files. Everything here takes a held directory
+//! fd plus ONE name component, and never follows a symlink in that component: the daemon must
+//! never reach a path outside the layer directories, whatever symlinks the layers contain.
+//! Must never: accept a multi-component path, or open with a flag that follows symlinks.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+/// A single path component, checked once so every `*at` call below can rely on it.
+pub fn component(name: &OsStr) -> io::Result<CString> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Opens `name` inside `dir` as an `O_PATH` handle without following a symlink in `name`
+/// (a symlink yields a handle on the link itself).
+pub fn open_path_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW)
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC | O_NOFOLLOW)`.
+pub fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: valid fd and NUL-terminated name; the returned fd is owned by the caller.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fd was just returned by openat and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a directory given by path (only used for layer roots named by the mounter, and for
+/// /proc/self/fd). Symlinks in that path are the mounter's choice, as with the kernel overlay.
+pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid NUL-terminated path.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstat` of a held handle (works on `O_PATH` handles and on symlink handles).
+pub fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: empty path with AT_EMPTY_PATH operates on fd itself; st is a valid out-pointer.
+    cvt(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `Ok(None)` when the name does not exist.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, name and out-pointer.
+    let ret = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(st));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// `fstatfs` of a held handle.
+pub fn statfs_fd(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // fstatvfs does not accept O_PATH handles; go through the handle's /proc magic link.
+    let path = proc_fd_path(fd);
+    // SAFETY: valid path and out-pointer.
+    cvt(unsafe { libc::statvfs(path.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+/// The /proc magic-link path of a held handle. Resolving it lands exactly on the inode the
+/// handle refers to (never on a path), which is why it is safe to use for xattr calls and
+/// for reopening a handle with other flags.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    // Digits only: CString::new cannot fail.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+/// Reopens an `O_PATH` handle of a regular file or directory with real access flags.
+pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = proc_fd_path(fd);
+    // No O_NOFOLLOW: the final component is the /proc magic link itself, which only ever
+    // resolves to the inode behind our own handle.
+    // SAFETY: valid path.
+    let raw = cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Reads a symlink given by handle.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: empty path means the symlink the handle refers to; buf is valid for its length.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// One extended attribute of the inode behind a handle; `Ok(None)` if it does not exist.
+pub fn get_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_fd_path(fd);
+    loop {
+        // SAFETY: a null buffer with size 0 asks for the value size only.
+        let size = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENODATA) => Ok(None),
+                // Filesystems or inodes without xattr support simply have none.
+                Some(libc::ENOTSUP) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf is valid for its length.
+        let got = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if got < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // The value grew between the two calls: ask again.
+                Some(libc::ERANGE) => continue,
+                Some(libc::ENODATA) => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+        buf.truncate(got as usize);
+        return Ok(Some(buf));
+    }
+}
+
+/// All extended attribute names of the inode behind a handle.
+pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let path = proc_fd_path(fd);
+    loop {
+        // SAFETY: size query.
+        let size = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENOTSUP) => Ok(Vec::new()),
+                _ => Err(err),
+            };
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf valid for its length.
+        let got = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(err);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| OsString::from_vec(n.to_vec()))
+            .collect());
+    }
+}
+
+/// One raw directory entry as the layer's filesystem reports it.
+#[derive(Debug, Clone)]
+pub struct RawDirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub d_type: u8,
+}
+
+/// Reads every entry of a directory given by handle (including `.` and `..`).
+pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<RawDirEntry>> {
+    let fd = open_at(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is valid for its length; getdents64 fills linux_dirent64 records.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        let n = n as usize;
+        // linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen, u8 d_type, char d_name[].
+        while off + 19 <= n {
+            let rec = &buf[off..n];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or_default());
+            let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap_or_default()) as usize;
+            if reclen == 0 || reclen > rec.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let d_type = rec[18];
+            let name_bytes = &rec[19..reclen];
+            let len = name_bytes
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_bytes.len());
+            out.push(RawDirEntry {
+                name: OsString::from_vec(name_bytes[..len].to_vec()),
+                ino,
+                d_type,
+            });
+            off += reclen;
+        }
+    }
+    Ok(out)
+}
+
+/// `pread` that retries on EINTR and reads until `size` bytes or end of file.
+pub fn read_at(fd: BorrowedFd<'_>, offset: u64, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
+    let mut done = 0;
+    while done < size {
+        // SAFETY: the slice from done is valid for size - done bytes.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                size - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// Raw descriptor of a borrowed fd, for log lines.
+pub fn raw(fd: &impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
+}
+
+/// Raises the soft open-file limit to the hard limit: the daemon holds one handle per
+/// inode the kernel remembers.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid in-pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
