@@ -356,7 +356,7 @@ fn wait_child(child: &mut Child, timeout: Duration) -> (Option<i32>, bool) {
     }
 }
 
-fn pid_alive(pid: i32) -> bool {
+pub fn pid_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // state is the field after the ")" that closes comm
@@ -446,6 +446,16 @@ pub fn mounts() -> Vec<(PathBuf, String)> {
 
 pub fn is_mounted(p: &Path) -> bool {
     mounts().iter().any(|(m, _)| m == p)
+}
+
+/// The source ("device") column of the mount at `p`, as /proc/self/mountinfo shows it.
+pub fn mount_source_of(p: &Path) -> Option<String> {
+    let s = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    s.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (unescape_mountinfo(f.get(4)?) == p).then(|| f.get(sep + 2).map(|x| x.to_string()))?
+    })
 }
 
 pub fn fstype_of(p: &Path) -> Option<String> {
@@ -916,6 +926,14 @@ impl Mounted {
             .or_else(|| self.child.as_ref().map(|c| c.id() as i32))
     }
 
+    /// For a foreground mount: wait for the daemon to exit on its own (after an unmount or a
+    /// signal) and return its exit code; `None` if it had to be killed after `timeout`.
+    pub fn wait_foreground(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("not a foreground mount");
+        let (code, _timed_out) = wait_child(child, timeout);
+        code
+    }
+
     /// Unmount now (idempotent; also done by Drop).
     pub fn unmount(&mut self) {
         if self.torn_down {
@@ -981,11 +999,22 @@ pub fn mount_ovlfuse(layers: &Layers, extra_opts: &str) -> Mounted {
     if testing_kernel_instead() {
         return mount_kernel_overlay_opts(layers, extra_opts);
     }
+    let opts = join_opts(&layers.mount_opts(), extra_opts);
+    mount_ovlfuse_with(layers, |mnt| {
+        vec!["-o".into(), opts.clone().into(), mnt.as_os_str().to_owned()]
+    })
+}
+
+/// Mount the filesystem under test in daemon mode with the arguments `args`
+/// builds from the mountpoint (for tests of the command-line shapes), with
+/// the same checks and guard as [`mount_ovlfuse`].
+pub fn mount_ovlfuse_with(layers: &Layers, args: impl FnOnce(&Path) -> Vec<OsString>) -> Mounted {
     let bin = ovlfuse_bin();
     let mnt = new_mountpoint(layers, "fuse");
-    let opts = join_opts(&layers.mount_opts(), extra_opts);
+    let argv = args(&mnt);
+    let opts = format!("{argv:?}");
     let mut cmd = Command::new(&bin);
-    cmd.arg("-o").arg(&opts).arg(&mnt);
+    cmd.args(&argv);
     let r = run_cmd(&mut cmd, Duration::from_secs(30));
     let output = format!("{}{}", r.stdout, r.stderr);
     let mut m = Mounted {
@@ -1001,14 +1030,14 @@ pub fn mount_ovlfuse(layers: &Layers, extra_opts: &str) -> Mounted {
     // from here on, `m`'s Drop cleans up even if the asserts below fail
     assert!(
         !r.timed_out,
-        "{} -o {opts} {} did not return within 30 s (does it daemonize?)\n{output}",
+        "{} {opts} {} did not return within 30 s (does it daemonize?)\n{output}",
         bin.display(),
         mnt.display()
     );
     assert_eq!(
         r.code,
         Some(0),
-        "{} -o {opts} {} failed\n{output}",
+        "{} {opts} {} failed\n{output}",
         bin.display(),
         mnt.display()
     );

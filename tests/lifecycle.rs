@@ -1,0 +1,208 @@
+//! The mount lifecycle as container runtimes and users drive it: the command-line shapes
+//! that must mount, the ways a mount must end (umount, fusermount3 -u, SIGTERM, SIGINT in
+//! the foreground), and kernel requests fuser cannot parse, which must fail fast instead of
+//! hanging the caller.
+
+mod common;
+
+use std::ffi::{CString, OsString};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn layers_with_file(s: &Scratch) -> Layers {
+    let l = s.layers(3, true);
+    l.lower(2).write_file("etc/issue", b"bottom\n", 0o644);
+    l.lower(0).write_file("etc/issue", b"top\n", 0o644);
+    l
+}
+
+fn wait_gone(pid: i32, mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (pid_alive(pid) || is_mounted(mnt)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(mnt), "{} is still mounted", mnt.display());
+    assert!(!pid_alive(pid), "daemon {pid} is still running");
+}
+
+fn read_issue(m: &Mounted) -> String {
+    let p = m.p("etc/issue");
+    with_timeout(10, move || fs::read_to_string(p).expect("read etc/issue"))
+}
+
+#[test]
+fn mount_fuse_convention_shows_source_and_type() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let opts = l.mount_opts();
+    let m = mount_ovlfuse_with(&l, |mnt| {
+        vec![
+            "container-42".into(),
+            mnt.as_os_str().to_owned(),
+            "-o".into(),
+            opts.into(),
+        ]
+    });
+    assert_eq!(mount_source_of(m.path()).as_deref(), Some("container-42"));
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuse.ovlfuse"));
+    assert_eq!(read_issue(&m), "top\n");
+}
+
+#[test]
+fn fsname_option_names_the_source() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "fsname=my-rootfs");
+    assert_eq!(mount_source_of(m.path()).as_deref(), Some("my-rootfs"));
+}
+
+#[test]
+fn repeated_o_and_quoted_context_with_commas_mount() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let lowers: Vec<String> = l.lowers.iter().map(|p| p.display().to_string()).collect();
+    let upper = l.upper.clone().expect("upper");
+    let work = l.work.clone().expect("work");
+    let m = mount_ovlfuse_with(&l, |mnt| {
+        let args: Vec<OsString> = vec![
+            "-o".into(),
+            format!("lowerdir={}", lowers.join(":")).into(),
+            "-o".into(),
+            format!("upperdir={},workdir={}", upper.display(), work.display()).into(),
+            "-o".into(),
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\",noatime".into(),
+            mnt.as_os_str().to_owned(),
+        ];
+        args
+    });
+    assert_eq!(read_issue(&m), "top\n");
+}
+
+#[test]
+fn twenty_lower_layers_stack_in_order() {
+    let s = Scratch::new();
+    let l = s.layers(20, false);
+    for i in 0..20 {
+        l.lower(i)
+            .write_file(&format!("only{i}"), format!("{i}\n").as_bytes(), 0o644);
+        l.lower(i)
+            .write_file("shared", format!("layer {i}\n").as_bytes(), 0o644);
+    }
+    let m = mount_ovlfuse(&l, "");
+    let root = m.path().to_path_buf();
+    let (shared, count) = with_timeout(20, move || {
+        let shared = fs::read_to_string(root.join("shared")).expect("read shared");
+        let count = fs::read_dir(&root).expect("readdir").count();
+        (shared, count)
+    });
+    assert_eq!(shared, "layer 0\n", "the first lowerdir is the top layer");
+    assert_eq!(count, 21);
+}
+
+#[test]
+fn umount_ends_the_daemon() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let mut m = mount_ovlfuse(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let out = run_argv(
+        &["umount".as_ref(), m.path().as_os_str()],
+        Duration::from_secs(10),
+    );
+    assert!(out.ok(), "umount: {}", out.stderr);
+    wait_gone(pid, m.path());
+    m.unmount();
+}
+
+#[test]
+fn fusermount3_unmount_ends_the_daemon() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let mut m = mount_ovlfuse(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let out = run_argv(
+        &["fusermount3".as_ref(), "-u".as_ref(), m.path().as_os_str()],
+        Duration::from_secs(10),
+    );
+    assert!(out.ok(), "fusermount3 -u: {}", out.stderr);
+    wait_gone(pid, m.path());
+    m.unmount();
+}
+
+#[test]
+fn sigterm_unmounts_and_ends_the_daemon() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let mut m = mount_ovlfuse(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert_eq!(read_issue(&m), "top\n");
+    // SAFETY: signalling the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_gone(pid, m.path());
+    m.unmount();
+}
+
+#[test]
+fn sigint_ends_a_foreground_mount_with_exit_zero() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let mut m = mount_ovlfuse_foreground(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert_eq!(read_issue(&m), "top\n");
+    // SAFETY: signalling the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(m.path()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(m.path()), "SIGINT did not unmount");
+    let status = m.wait_foreground(Duration::from_secs(10));
+    assert_eq!(status, Some(0), "foreground daemon exit code after SIGINT");
+}
+
+#[test]
+fn o_tmpfile_fails_fast_with_eopnotsupp() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "");
+    let dir = CString::new(m.path().as_os_str().as_bytes()).expect("path");
+    let errno = with_timeout(10, move || {
+        // SAFETY: valid path; the fd, if any, is closed right away.
+        let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+        if fd >= 0 {
+            unsafe { libc::close(fd) };
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        }
+    });
+    assert_eq!(errno, libc::EOPNOTSUPP, "O_TMPFILE on a read-only union");
+}
+
+#[test]
+fn statx_asking_for_birth_time_answers_promptly() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "");
+    let path = CString::new(m.p("etc/issue").as_os_str().as_bytes()).expect("path");
+    let size = with_timeout(10, move || {
+        // SAFETY: zeroed statx is a valid out-buffer.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        let ret = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                0,
+                libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+                &mut stx,
+            )
+        };
+        assert_eq!(ret, 0, "statx: {}", std::io::Error::last_os_error());
+        stx.stx_size
+    });
+    assert_eq!(size, 4);
+}
