@@ -7,18 +7,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 const BIG: u64 = (4 << 30) + (1 << 20) + 5;
 
 /// 3 lowers + upper using every feature in the kernel's on-disk format.

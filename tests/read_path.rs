@@ -49,19 +49,6 @@ fn sv(v: &[&str]) -> Vec<String> {
     v
 }
 
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // layer resolution
 // ---------------------------------------------------------------------------

@@ -864,6 +864,19 @@ pub fn copy_layers(src: &Layers, dest: &Path) -> Layers {
 // mounting
 // ---------------------------------------------------------------------------
 
+/// Deterministic pseudo-random bytes (file contents that catch offset mix-ups).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Path of the filesystem binary under test.
 pub fn ovlfuse_bin() -> PathBuf {
     match std::env::var_os("OVLFUSE_BIN") {
