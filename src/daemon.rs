@@ -34,10 +34,11 @@ pub fn run(config: MountConfig) -> i32 {
     let prepared = LayerStack::open(&config)
         .and_then(|stack| {
             mount::check_mountpoint(&config.mountpoint)?;
+            clean_work(&stack, &config)?;
             Ok(stack)
         })
         .and_then(|stack| {
-            OverlayFs::new(stack, settings(&config))
+            OverlayFs::new(stack, config.syncs_to_disk(), settings(&config))
                 .map_err(|e| format!("cannot read the layers' root directories: {e}"))
         });
     let fs = match prepared {
@@ -60,6 +61,32 @@ pub fn run(config: MountConfig) -> i32 {
             eprintln!("ovlfuse: cannot start the daemon process: {e}");
             EXIT_MOUNT_FAILED
         }
+    }
+}
+
+/// Removes what interrupted copy-ups and namespace changes left in `workdir/work` (they were
+/// never visible in the union, being only ever renamed into place when complete).
+fn clean_work(stack: &LayerStack, config: &MountConfig) -> Result<(), String> {
+    let Some(work) = &stack.work else {
+        return Ok(());
+    };
+    let workdir = config
+        .workdir
+        .as_deref()
+        .unwrap_or(std::path::Path::new("?"));
+    match crate::copy_up::clean_work_dir(std::os::fd::AsFd::as_fd(work)) {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            log::warn!(
+                "removed {n} leftovers of interrupted operations from {}/work",
+                workdir.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "workdir: cannot clean {}/work: {e}",
+            workdir.display()
+        )),
     }
 }
 
@@ -106,6 +133,10 @@ fn worker_threads(config: &MountConfig) -> usize {
 /// Mounts, tells the waiting parent (if any) how it went, serves until unmounted.
 fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     crate::sys::raise_nofile_limit();
+    // New objects get exactly the mode the caller asked for (the kernel has already applied
+    // the caller's umask); the daemon's own umask must not strip more.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0) };
     let signals = match block_termination_signals() {
         Ok(s) => s,
         Err(e) => return fail(ready, format!("cannot set up signal handling: {e}")),

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,9 +26,10 @@ use fuser::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::inodes::{InodeTable, Node, ROOT_ID};
+use crate::inodes::{Node, ROOT_ID};
 use crate::layers::LayerStack;
-use crate::lookup::{self, LayerDir, Resolved};
+use crate::lookup::Resolved;
+use crate::namespace::{Creator, NewObject, Union};
 use crate::readdir;
 use crate::sys;
 use crate::xattr::{self, Caller};
@@ -51,8 +53,7 @@ struct DirStream {
 
 /// The union filesystem as fuser sees it.
 pub struct OverlayFs {
-    stack: LayerStack,
-    inodes: InodeTable,
+    union: Union,
     files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_handle: AtomicU64,
@@ -85,11 +86,9 @@ fn file_type(mode: u32) -> FileType {
 
 impl OverlayFs {
     /// Builds the union over `stack`; fails if the root cannot be read from the layers.
-    pub fn new(stack: LayerStack, settings: FsSettings) -> io::Result<OverlayFs> {
-        let root = root_of(&stack)?;
+    pub fn new(stack: LayerStack, durable: bool, settings: FsSettings) -> io::Result<OverlayFs> {
         Ok(OverlayFs {
-            inodes: InodeTable::new(root),
-            stack,
+            union: Union::new(stack, durable)?,
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -98,14 +97,15 @@ impl OverlayFs {
     }
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
-        self.inodes.get(ino.0).ok_or(Errno::ESTALE)
+        self.union.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }
 
     fn attr(&self, node: &Node) -> Result<FileAttr, Errno> {
-        let st = sys::stat_fd(node.fd.as_fd()).map_err(errno)?;
+        let state = node.state();
+        let st = sys::stat_fd(state.fd.as_fd()).map_err(errno)?;
         // Like the kernel overlay: the link count of a merged directory cannot be known
         // without counting subdirectories in every layer; 1 tells `find` not to rely on it.
-        let nlink = if node.merged.len() > 1 {
+        let nlink = if state.merged.len() > 1 {
             1
         } else {
             st.st_nlink as u32
@@ -145,63 +145,85 @@ impl OverlayFs {
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
         let dir = self.node(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        let resolved = lookup::resolve(&self.stack, &dir.merged, name)
+        let resolved = self
+            .union
+            .resolve(&dir, name)
             .map_err(errno)?
             .ok_or(Errno::ENOENT)?;
-        let node = self.inodes.lookup(dir.id, resolved);
+        self.remember(&dir, name, resolved)
+    }
+
+    /// Registers a kernel lookup of `resolved` (found as `name` in `dir`) and returns the
+    /// attributes to answer with.
+    fn remember(&self, dir: &Node, name: &OsStr, resolved: Resolved) -> Result<FileAttr, Errno> {
+        let node = self.union.inodes.lookup(dir.id, name, resolved);
         match self.entry_attr(&node) {
             Ok(attr) => Ok(attr),
             Err(e) => {
-                self.inodes.forget(node.id, 1);
+                self.union.inodes.forget(node.id, 1);
                 Err(e)
             }
         }
     }
 
     fn listing(&self, dir: &Node) -> Result<Vec<readdir::Entry>, Errno> {
+        let state = dir.state();
         let parent_ino = self
+            .union
             .inodes
-            .get(dir.parent)
+            .get(state.parent)
             .map(|p| p.ino)
             .unwrap_or(dir.ino);
-        readdir::list(&self.stack, &self.inodes, dir, parent_ino).map_err(errno)
+        readdir::list(
+            &self.union.stack,
+            &self.union.inodes,
+            &state.merged,
+            dir.ino,
+            parent_ino,
+        )
+        .map_err(errno)
+    }
+
+    fn file(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
+        self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn register_file(&self, file: OwnedFd) -> u64 {
+        let fh = self.handle();
+        self.files.write().insert(fh, Arc::new(file));
+        fh
+    }
+
+    /// Opens the upper object of `node` (copying it up first) with `flags`.
+    fn open_for_write(&self, node: &Node, flags: i32) -> Result<OwnedFd, Errno> {
+        let with_data = flags & libc::O_TRUNC == 0;
+        let state = self.union.copy_up(node, with_data).map_err(errno)?;
+        sys::reopen(state.fd.as_fd(), real_open_flags(flags)).map_err(errno)
+    }
+
+    fn create_object(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        what: NewObject<'_>,
+        mode: u32,
+    ) -> Result<FileAttr, Errno> {
+        let dir = self.node(parent)?;
+        let creator = Creator {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let resolved = self
+            .union
+            .create(&dir, name, what, mode, creator)
+            .map_err(errno)?;
+        self.remember(&dir, name, resolved)
     }
 
     fn caller(req: &Request) -> Caller {
         Caller { uid: req.uid() }
     }
-
-    /// Writes are not implemented yet (the write path lands with copy-up); a read-only union
-    /// answers EROFS like a read-only mount would, rather than a confusing ENOSYS.
-    fn refuse_write(&self, what: &str) -> Errno {
-        log::debug!("{what}: refused, the union is read-only");
-        Errno::EROFS
-    }
-}
-
-fn root_of(stack: &LayerStack) -> io::Result<Resolved> {
-    let mut merged = Vec::new();
-    for (i, layer) in stack.layers.iter().enumerate() {
-        let fd = layer.root.try_clone()?;
-        let opaque = crate::whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
-        merged.push(LayerDir {
-            layer: i as u16,
-            fd,
-        });
-        if opaque {
-            break;
-        }
-    }
-    let top = &stack.layers[0];
-    Ok(Resolved {
-        layer: 0,
-        fd: top.root.try_clone()?,
-        stat: sys::stat_fd(top.root.as_fd())?,
-        merged,
-    })
 }
 
 impl fuser::Filesystem for OverlayFs {
@@ -215,7 +237,7 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn destroy(&mut self) {
-        log::info!("filesystem released ({} nodes)", self.inodes.len());
+        log::info!("filesystem released ({} nodes)", self.union.inodes.len());
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -226,7 +248,7 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.forget(ino.0, nlookup);
+        self.union.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -236,29 +258,222 @@ impl fuser::Filesystem for OverlayFs {
         }
     }
 
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = self.node(ino).and_then(|node| {
+            // Only the data up to the new size matters when truncating to zero.
+            let with_data = size != Some(0);
+            let state = self.union.copy_up(&node, with_data).map_err(errno)?;
+            let change = crate::attrs::Change {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_spec),
+                mtime: mtime.map(time_spec),
+            };
+            let open = match fh {
+                Some(fh) => self.file(fh).ok(),
+                None => None,
+            };
+            crate::attrs::apply(state.fd.as_fd(), open.as_deref(), &change).map_err(errno)?;
+            self.attr(&node)
+        });
+        match result {
+            Ok(attr) => reply.attr(&self.settings.ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self
             .node(ino)
-            .and_then(|n| sys::readlink_fd(n.fd.as_fd()).map_err(errno))
+            .and_then(|n| sys::readlink_fd(n.state().fd.as_fd()).map_err(errno))
         {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
     }
 
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let what = if mode & libc::S_IFMT == libc::S_IFREG {
+            NewObject::File
+        } else {
+            NewObject::Node { rdev: rdev as u64 }
+        };
+        match self.create_object(req, parent, name, what, mode) {
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode) {
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .node(parent)
+            .and_then(|dir| self.union.unlink(&dir, name).map_err(errno))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .node(parent)
+            .and_then(|dir| self.union.rmdir(&dir, name).map_err(errno))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let what = NewObject::Symlink {
+            target: target.as_os_str().as_bytes(),
+        };
+        match self.create_object(req, parent, link_name, what, libc::S_IFLNK | 0o777) {
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.node(parent).and_then(|from| {
+            let to = self.node(newparent)?;
+            self.union
+                .rename(&from, name, &to, newname, flags.bits())
+                .map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = self.node(ino).and_then(|node| {
+            let dir = self.node(newparent)?;
+            let resolved = self.union.link(&node, &dir, newname).map_err(errno)?;
+            self.remember(&dir, newname, resolved)
+        });
+        match result {
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let result = (|| {
-            if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-                return Err(self.refuse_write("open for writing"));
-            }
-            let node = self.node(ino)?;
-            let file = sys::reopen(node.fd.as_fd(), libc::O_RDONLY).map_err(errno)?;
-            let fh = self.handle();
-            self.files.write().insert(fh, Arc::new(file));
-            Ok(fh)
-        })();
+        let result = self.node(ino).and_then(|node| {
+            let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let file = if writing {
+                self.open_for_write(&node, flags.0)?
+            } else {
+                sys::reopen(node.state().fd.as_fd(), real_open_flags(flags.0)).map_err(errno)?
+            };
+            Ok(self.register_file(file))
+        });
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| {
+            let dir = self.node(parent)?;
+            let creator = Creator {
+                uid: req.uid(),
+                gid: req.gid(),
+            };
+            let resolved = self
+                .union
+                .create(&dir, name, NewObject::File, mode, creator)
+                .map_err(errno)?;
+            let file = sys::reopen(resolved.fd.as_fd(), real_open_flags(flags) & !libc::O_TRUNC)
+                .map_err(errno)?;
+            let attr = self.remember(&dir, name, resolved)?;
+            Ok((attr, self.register_file(file)))
+        })();
+        match result {
+            Ok((attr, fh)) => reply.created(
+                &self.settings.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -274,12 +489,33 @@ impl fuser::Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self.files.read().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        match sys::read_at(file.as_fd(), offset, size as usize) {
+        let result = self
+            .file(fh)
+            .and_then(|f| sys::read_at(f.as_fd(), offset, size as usize).map_err(errno));
+        match result {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self
+            .file(fh)
+            .and_then(|f| sys::write_at(f.as_fd(), offset, data).map_err(errno));
+        match result {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -316,21 +552,12 @@ impl fuser::Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(file) = self.files.read().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        // SAFETY: valid fd.
-        let ret = unsafe {
-            if datasync {
-                libc::fdatasync(sys::raw(&*file))
-            } else {
-                libc::fsync(sys::raw(&*file))
-            }
-        };
-        if ret == 0 {
-            reply.ok()
-        } else {
-            reply.error(errno(io::Error::last_os_error()))
+        match self
+            .file(fh)
+            .and_then(|f| sys::sync_fd(f.as_fd(), datasync).map_err(errno))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -405,19 +632,31 @@ impl fuser::Filesystem for OverlayFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Nothing of a directory can be dirty while the union is read-only.
-        reply.ok();
+        // A directory only in lower layers has nothing of ours to flush.
+        let result = self.node(ino).and_then(|dir| {
+            let state = dir.state();
+            if !(self.union.stack.has_upper() && state.layer == 0) {
+                return Ok(());
+            }
+            let fd =
+                sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
+            sys::sync_fd(fd.as_fd(), datasync).map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // Like the kernel overlay: the space figures are the top layer's (the upper, where
         // writes go, when there is one).
-        match sys::statfs_fd(self.stack.layers[0].root.as_fd()) {
+        match sys::statfs_fd(self.union.stack.layers[0].root.as_fd()) {
             Ok(st) => reply.statfs(
                 st.f_blocks,
                 st.f_bfree,
@@ -432,12 +671,34 @@ impl fuser::Filesystem for OverlayFs {
         }
     }
 
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.node(ino).and_then(|node| {
+            xattr::check_settable(name, self.union.stack.xattr_prefix, Self::caller(req))
+                .map_err(errno)?;
+            let state = self.union.copy_up(&node, true).map_err(errno)?;
+            xattr::set(state.fd.as_fd(), name, value, flags).map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let result = self.node(ino).and_then(|node| {
             xattr::get(
-                node.fd.as_fd(),
+                node.state().fd.as_fd(),
                 name,
-                self.stack.xattr_prefix,
+                self.union.stack.xattr_prefix,
                 Self::caller(req),
             )
             .map_err(errno)?
@@ -451,7 +712,12 @@ impl fuser::Filesystem for OverlayFs {
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let result = self.node(ino).and_then(|node| {
-            xattr::list(node.fd.as_fd(), self.stack.xattr_prefix, Self::caller(req)).map_err(errno)
+            xattr::list(
+                node.state().fd.as_fd(),
+                self.union.stack.xattr_prefix,
+                Self::caller(req),
+            )
+            .map_err(errno)
         });
         match result {
             Ok(names) => reply_sized(reply, size, &xattr::encode_names(&names)),
@@ -459,11 +725,33 @@ impl fuser::Filesystem for OverlayFs {
         }
     }
 
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.node(ino).and_then(|node| {
+            xattr::check_settable(name, self.union.stack.xattr_prefix, Self::caller(req))
+                .map_err(errno)?;
+            // Removing what is not there must not copy anything up.
+            xattr::get(
+                node.state().fd.as_fd(),
+                name,
+                self.union.stack.xattr_prefix,
+                Self::caller(req),
+            )
+            .map_err(errno)?
+            .ok_or(Errno::NO_XATTR)?;
+            let state = self.union.copy_up(&node, true).map_err(errno)?;
+            xattr::remove(state.fd.as_fd(), name).map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let result = self.node(ino).and_then(|node| {
-            let st = sys::stat_fd(node.fd.as_fd()).map_err(errno)?;
-            if mask.contains(AccessFlags::W_OK) {
-                return Err(self.refuse_write("access(W_OK)"));
+            let st = sys::stat_fd(node.state().fd.as_fd()).map_err(errno)?;
+            if mask.contains(AccessFlags::W_OK) && !self.union.stack.has_upper() {
+                return Err(Errno::EROFS);
             }
             check_access(&st, req.uid(), req.gid(), mask)
         });
@@ -473,151 +761,114 @@ impl fuser::Filesystem for OverlayFs {
         }
     }
 
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(self.refuse_write("setattr"));
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(self.refuse_write("mknod"));
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(self.refuse_write("mkdir"));
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refuse_write("unlink"));
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refuse_write("rmdir"));
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(self.refuse_write("symlink"));
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(self.refuse_write("rename"));
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(self.refuse_write("link"));
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(self.refuse_write("write"));
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(self.refuse_write("create"));
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(self.refuse_write("setxattr"));
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.refuse_write("removexattr"));
-    }
-
     fn fallocate(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.refuse_write("fallocate"));
+        let result = self.file(fh).and_then(|f| {
+            // SAFETY: valid fd.
+            let ret = unsafe {
+                libc::fallocate(
+                    sys::raw(&*f),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            };
+            if ret == 0 {
+                Ok(())
+            } else {
+                Err(errno(io::Error::last_os_error()))
+            }
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let result = self.file(fh_in).and_then(|input| {
+            let output = self.file(fh_out)?;
+            let mut off_in = offset_in as libc::off64_t;
+            let mut off_out = offset_out as libc::off64_t;
+            // SAFETY: valid fds and offset pointers.
+            let n = unsafe {
+                libc::copy_file_range(
+                    sys::raw(&*input),
+                    &mut off_in,
+                    sys::raw(&*output),
+                    &mut off_out,
+                    len as usize,
+                    flags.bits() as libc::c_uint,
+                )
+            };
+            if n < 0 {
+                Err(errno(io::Error::last_os_error()))
+            } else {
+                Ok(n as u32)
+            }
+        });
+        match result {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Flags for opening the real file behind an open request: creation is handled by the union,
+/// `O_NOCTTY`/`O_CLOEXEC` concern the caller's descriptor, not ours, and `O_NOFOLLOW` was
+/// already applied by the kernel to the caller's path (on ours, the /proc magic link, it
+/// would fail with ELOOP).
+fn real_open_flags(flags: i32) -> i32 {
+    flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+}
+
+fn time_spec(t: TimeOrNow) -> libc::timespec {
+    match t {
+        TimeOrNow::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(before) => {
+                let d = before.duration();
+                let (sec, nsec) = if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (
+                        -(d.as_secs() as i64) - 1,
+                        1_000_000_000 - d.subsec_nanos() as i64,
+                    )
+                };
+                libc::timespec {
+                    tv_sec: sec as libc::time_t,
+                    tv_nsec: nsec as libc::c_long,
+                }
+            }
+        },
     }
 }
 

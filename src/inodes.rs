@@ -1,15 +1,21 @@
 //! The inode table FUSE needs: node ids handed to the kernel, what each stands for, and the
 //! inode numbers users see.
 //!
-//! Owns: node ids (FUSE `nodeid`, counted by LOOKUP and released by FORGET), the map from a
-//! layer object's identity (st_dev, st_ino) to its node — so hard links share one node and a
-//! second lookup of the same object returns the same node — and the `st_ino` numbering, which
+//! Owns: node ids (FUSE `nodeid`, counted by LOOKUP and released by FORGET), what each node
+//! currently stands for (which layer's object, and for a directory which layer directories
+//! merge into it — copy-up changes this under a live node), and the `st_ino` numbering, which
 //! is stable for the life of the mount and unique within it even across layers on different
-//! filesystems. Must never: hand out a node id twice for live nodes, or reuse one.
+//! filesystems. Must never: give two live, different objects one id.
 //!
-//! Locking: `table` is one `RwLock`; it is never held while doing I/O.
+//! Locking: `nodes` and `overrides` are `RwLock`/`Mutex`es held only for map operations,
+//! never across I/O. A node's `state` lock is held only to read or swap the state (clone it
+//! out, then do I/O). A node's `copy_up` lock serialises copy-ups of that node; copy-up of a
+//! child takes its parent's `copy_up` lock after its own (child before parent, always upward),
+//! so two copy-ups cannot wait on each other.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,22 +29,32 @@ pub const ROOT_ID: u64 = 1;
 /// Identity of a layer object: its filesystem and inode number there.
 pub type ObjectKey = (u64, u64);
 
+/// What a node stands for right now. Cheap to clone: the handles are shared.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// The layer that holds the visible object (0 is the upper layer when there is one).
+    pub layer: LayerIndex,
+    /// `O_PATH` handle on the visible object (the link itself for a symlink).
+    pub fd: Arc<OwnedFd>,
+    /// Layer directories merged into this directory, top first (empty for non-directories).
+    pub merged: Arc<Vec<LayerDir>>,
+    /// Node id of the directory this one was last found in, and its name there: copy-up
+    /// needs a place in the upper layer to put the object.
+    pub parent: u64,
+    pub name: OsString,
+}
+
 /// One object of the union, as the kernel knows it.
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
-    /// The inode number shown to users.
+    /// The inode number shown to users (equal to `id`, except for the root).
     pub ino: u64,
-    pub key: ObjectKey,
-    pub layer: LayerIndex,
     /// `S_IFMT` bits of the object.
     pub file_type: u32,
-    /// `O_PATH` handle on the visible object.
-    pub fd: std::os::fd::OwnedFd,
-    /// Layer directories merged into this directory, top first (empty for non-directories).
-    pub merged: Vec<LayerDir>,
-    /// Node id of the directory this one was found in (for `..`; the root is its own parent).
-    pub parent: u64,
+    state: RwLock<NodeState>,
+    /// Held while this node is being copied up.
+    pub copy_up: Mutex<()>,
     lookups: AtomicU64,
 }
 
@@ -46,17 +62,46 @@ impl Node {
     pub fn is_dir(&self) -> bool {
         self.file_type == libc::S_IFDIR
     }
+
+    /// A snapshot of what the node stands for.
+    pub fn state(&self) -> NodeState {
+        self.state.read().clone()
+    }
+
+    /// The node now stands for another object (after a copy-up).
+    pub fn set_state(&self, state: NodeState) {
+        *self.state.write() = state;
+    }
+
+    /// The node was renamed: it now lives in `parent` under `name`.
+    pub fn moved(&self, parent: u64, name: OsString) {
+        let mut s = self.state.write();
+        s.parent = parent;
+        s.name = name;
+    }
+}
+
+fn state_of(resolved: Resolved, parent: u64, name: OsString) -> NodeState {
+    NodeState {
+        layer: resolved.layer,
+        fd: resolved.fd,
+        merged: Arc::new(resolved.merged),
+        parent,
+        name,
+    }
 }
 
 /// All live nodes of one mount.
 ///
 /// fuser sends `FileAttr::ino` as the FUSE node id, so a node's id IS its user-visible inode
-/// number (the root excepted, whose id is always 1). That makes the id a pure function of the
-/// layer object: a hard-linked file gets one node, and a node forgotten and looked up again
-/// comes back under the same id.
+/// number (the root excepted, whose id is always 1). The id is a function of the layer
+/// object: a hard-linked file gets one node, and a node forgotten and looked up again comes
+/// back under the same id. Copy-up records overrides so that the copied-up object keeps the
+/// id it had, and the lower object it came from (still reachable through another hard link)
+/// gets a new one.
 pub struct InodeTable {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
-    root_key: ObjectKey,
+    overrides: Mutex<HashMap<ObjectKey, u64>>,
     inos: InoSpace,
 }
 
@@ -68,20 +113,19 @@ impl InodeTable {
         let node = Arc::new(Node {
             id: ROOT_ID,
             ino: inos.ino(key),
-            key,
-            layer: root.layer,
             file_type: libc::S_IFDIR,
-            fd: root.fd,
-            merged: root.merged,
-            parent: ROOT_ID,
+            state: RwLock::new(state_of(root, ROOT_ID, OsString::new())),
+            copy_up: Mutex::new(()),
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1 << 62),
         });
+        let mut overrides = HashMap::new();
+        overrides.insert(key, ROOT_ID);
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_ID, node);
         InodeTable {
             nodes: RwLock::new(nodes),
-            root_key: key,
+            overrides: Mutex::new(overrides),
             inos,
         }
     }
@@ -90,15 +134,26 @@ impl InodeTable {
         self.nodes.read().get(&id).cloned()
     }
 
-    /// Records one kernel lookup of `resolved` found in directory `parent`, returning its node
-    /// (the existing one if the same layer object is already known).
-    pub fn lookup(&self, parent: u64, resolved: Resolved) -> Arc<Node> {
-        let key = (resolved.stat.st_dev, resolved.stat.st_ino);
-        let id = if key == self.root_key {
-            ROOT_ID
-        } else {
-            self.ino_of(key)
-        };
+    /// The node id (and user-visible inode number) of a layer object.
+    pub fn id_of(&self, key: ObjectKey) -> u64 {
+        if let Some(id) = self.overrides.lock().get(&key) {
+            return *id;
+        }
+        self.inos.ino(key)
+    }
+
+    /// The user-visible inode number of a layer object (readdir's d_ino).
+    pub fn ino_of(&self, key: ObjectKey) -> u64 {
+        match self.id_of(key) {
+            ROOT_ID => self.inos.ino(key),
+            id => id,
+        }
+    }
+
+    /// Records one kernel lookup of `resolved`, found in directory `parent` under `name`,
+    /// returning its node (the existing one if the object is already known).
+    pub fn lookup(&self, parent: u64, name: &std::ffi::OsStr, resolved: Resolved) -> Arc<Node> {
+        let id = self.id_of((resolved.stat.st_dev, resolved.stat.st_ino));
         if let Some(node) = self.nodes.read().get(&id) {
             node.lookups.fetch_add(1, Ordering::Relaxed);
             return node.clone();
@@ -109,17 +164,26 @@ impl InodeTable {
             Arc::new(Node {
                 id,
                 ino: id,
-                key,
-                layer: resolved.layer,
                 file_type: resolved.stat.st_mode & libc::S_IFMT,
-                fd: resolved.fd,
-                merged: resolved.merged,
-                parent,
+                state: RwLock::new(state_of(resolved, parent, name.to_owned())),
+                copy_up: Mutex::new(()),
                 lookups: AtomicU64::new(0),
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);
         node.clone()
+    }
+
+    /// `node`, which stood for the object `from`, was copied up to the object `to`: `to`
+    /// keeps the node's id for the life of the mount, and `from` (still reachable through
+    /// other hard links in the lower layer) gets a fresh one.
+    pub fn copied_up(&self, node: &Node, from: ObjectKey, to: ObjectKey) {
+        let fresh = self.inos.fresh();
+        let mut overrides = self.overrides.lock();
+        overrides.insert(to, node.id);
+        if overrides.get(&from) == Some(&node.id) || self.inos.ino(from) == node.id {
+            overrides.insert(from, fresh);
+        }
     }
 
     /// The kernel dropped `count` lookups of node `id`; the node goes when none remain.
@@ -137,11 +201,6 @@ impl InodeTable {
         if after == 0 {
             nodes.remove(&id);
         }
-    }
-
-    /// The user-visible inode number of a layer object (also its node id, root excepted).
-    pub fn ino_of(&self, key: ObjectKey) -> u64 {
-        self.inos.ino(key)
     }
 
     pub fn len(&self) -> usize {
@@ -162,6 +221,7 @@ impl InodeTable {
 struct InoSpace {
     devs: Mutex<Vec<u64>>,
     overflow: Mutex<HashMap<ObjectKey, u64>>,
+    counter: AtomicU64,
 }
 
 const DEV_SHIFT: u32 = 56;
@@ -185,8 +245,17 @@ impl InoSpace {
             return composed;
         }
         let mut overflow = self.overflow.lock();
-        let next = OVERFLOW_BASE + overflow.len() as u64 + 1;
-        *overflow.entry((dev, ino)).or_insert(next)
+        if let Some(n) = overflow.get(&(dev, ino)) {
+            return *n;
+        }
+        let n = self.fresh();
+        overflow.insert((dev, ino), n);
+        n
+    }
+
+    /// A number no layer object can be given by `ino`.
+    fn fresh(&self) -> u64 {
+        OVERFLOW_BASE + self.counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
@@ -206,5 +275,6 @@ mod tests {
         assert!(big >= OVERFLOW_BASE);
         assert_eq!(space.ino((10, u64::MAX - 3)), big);
         assert_ne!(space.ino((10, u64::MAX - 4)), big);
+        assert_ne!(space.fresh(), big);
     }
 }

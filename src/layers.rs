@@ -32,7 +32,9 @@ pub struct Layer {
 #[derive(Debug)]
 pub struct LayerStack {
     pub layers: Vec<Layer>,
-    pub workdir: Option<OwnedFd>,
+    /// `workdir/work`: where copy-up and whiteout creation stage objects before an atomic
+    /// rename into the upper layer.
+    pub work: Option<OwnedFd>,
     pub xattr_prefix: &'static str,
 }
 
@@ -56,13 +58,13 @@ impl LayerStack {
                 LayerIndex::MAX
             ));
         }
-        let workdir = match (&config.upperdir, &config.workdir) {
+        let work = match (&config.upperdir, &config.workdir) {
             (Some(upper), Some(work)) => Some(open_workdir(upper, work, layers[0].dev)?),
             _ => None,
         };
         Ok(LayerStack {
             layers,
-            workdir,
+            work,
             xattr_prefix: match config.xattr_namespace {
                 XattrNamespace::Trusted => "trusted.overlay.",
                 XattrNamespace::User => "user.overlay.",
@@ -124,8 +126,8 @@ fn open_layer(path: &Path, option: &str, role: LayerRole) -> Result<Layer, Strin
 }
 
 /// Checks the workdir the way the kernel does (same filesystem as upperdir, neither inside
-/// the other) and makes sure `workdir/work` exists: copy-up stages files there so that a
-/// rename into place is atomic, which only works within one filesystem.
+/// the other), makes sure `workdir/work` exists and returns a handle on it: copy-up stages
+/// files there so that a rename into place is atomic, which only works within one filesystem.
 fn open_workdir(upper: &Path, work: &Path, upper_dev: u64) -> Result<OwnedFd, String> {
     let layer = open_layer(work, "workdir", LayerRole::Upper)?;
     if layer.dev != upper_dev {
@@ -185,5 +187,23 @@ fn open_workdir(upper: &Path, work: &Path, upper_dev: u64) -> Result<OwnedFd, St
         }
         Err(e) => return Err(format!("workdir: cannot stat {}/work: {e}", work.display())),
     }
-    Ok(layer.root)
+    let staging = sys::open_path_at(layer.root.as_fd(), name)
+        .map_err(|e| format!("workdir: cannot open {}/work: {e}", work.display()))?;
+    match sys::stat_fd(staging.as_fd()) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Ok(staging),
+        _ => Err(format!(
+            "workdir: {}/work is not a directory",
+            work.display()
+        )),
+    }
+}
+
+impl LayerStack {
+    /// The staging directory, or EROFS for a union without an upper layer.
+    pub fn work(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd())
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EROFS))
+    }
 }

@@ -3,10 +3,14 @@
 //! Module map (one concern each): `options` parses the command line; `layers` opens and
 //! checks the layer directories; `whiteout` recognises whiteouts and opaque directories;
 //! `lookup` resolves a name across layers; `readdir` merges listings; `inodes` keeps the FUSE
-//! inode table; `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
+//! inode table; `copy_up` moves one object to the upper layer atomically; `namespace` makes
+//! every change to the union (create, unlink, rmdir, rename, link, copy-up order); `attrs`
+//! applies SETATTR; `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
 //! `mount` and `relay` attach the FUSE connection; `daemon` runs the process lifecycle;
 //! `demo` builds and shows an example union; `sys` wraps the system calls.
 
+pub mod attrs;
+pub mod copy_up;
 pub mod daemon;
 pub mod demo;
 pub mod fs;
@@ -14,6 +18,7 @@ pub mod inodes;
 pub mod layers;
 pub mod lookup;
 pub mod mount;
+pub mod namespace;
 pub mod options;
 pub mod readdir;
 pub mod relay;

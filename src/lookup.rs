@@ -8,16 +8,17 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::layers::{LayerIndex, LayerStack};
 use crate::sys;
 use crate::whiteout::{self, NameKind};
 
 /// A directory of one layer that takes part in a merged directory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LayerDir {
     pub layer: LayerIndex,
-    pub fd: OwnedFd,
+    pub fd: Arc<OwnedFd>,
 }
 
 /// What a name resolves to in the union.
@@ -26,7 +27,7 @@ pub struct Resolved {
     /// The layer that holds the visible object.
     pub layer: LayerIndex,
     /// `O_PATH` handle on the visible object (the link itself for a symlink).
-    pub fd: OwnedFd,
+    pub fd: Arc<OwnedFd>,
     pub stat: libc::stat,
     /// For a directory: every layer directory merged into it, top first (the visible one
     /// included). Empty for other types.
@@ -63,7 +64,7 @@ pub fn resolve(
                 None if !is_dir => {
                     found = Some(Resolved {
                         layer: dir.layer,
-                        fd,
+                        fd: Arc::new(fd),
                         stat: st,
                         merged: Vec::new(),
                     });
@@ -71,14 +72,14 @@ pub fn resolve(
                 }
                 None => {
                     let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
-                    let dup = fd.try_clone()?;
+                    let fd = Arc::new(fd);
                     found = Some(Resolved {
                         layer: dir.layer,
-                        fd,
+                        fd: fd.clone(),
                         stat: st,
                         merged: vec![LayerDir {
                             layer: dir.layer,
-                            fd: dup,
+                            fd,
                         }],
                     });
                     if opaque {
@@ -91,7 +92,7 @@ pub fn resolve(
                     let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
                     top.merged.push(LayerDir {
                         layer: dir.layer,
-                        fd,
+                        fd: Arc::new(fd),
                     });
                     if opaque {
                         break;

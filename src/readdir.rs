@@ -12,8 +12,9 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use crate::inodes::{InodeTable, Node};
+use crate::inodes::InodeTable;
 use crate::layers::LayerStack;
+use crate::lookup::LayerDir;
 use crate::sys;
 use crate::whiteout::{self, NameKind};
 
@@ -26,17 +27,18 @@ pub struct Entry {
     pub file_type: u32,
 }
 
-/// Builds the listing of directory `dir` (`.` and `..` first).
+/// Builds the listing of the merged directory made of `merged` (`.` and `..` first).
 pub fn list(
     stack: &LayerStack,
     inodes: &InodeTable,
-    dir: &Node,
+    merged: &[LayerDir],
+    dir_ino: u64,
     parent_ino: u64,
 ) -> io::Result<Vec<Entry>> {
     let mut entries = vec![
         Entry {
             name: ".".into(),
-            ino: dir.ino,
+            ino: dir_ino,
             file_type: libc::S_IFDIR,
         },
         Entry {
@@ -47,8 +49,8 @@ pub fn list(
     ];
     // Names decided by a higher layer: shown, whited out, or hidden by a non-directory.
     let mut decided: HashSet<OsString> = HashSet::new();
-    let layers = dir.merged.len();
-    for (position, layer_dir) in dir.merged.iter().enumerate() {
+    let layers = merged.len();
+    for (position, layer_dir) in merged.iter().enumerate() {
         let dev = stack.layers[layer_dir.layer as usize].dev;
         let raw = sys::read_dir(layer_dir.fd.as_fd())?;
         let mut hidden_here: Vec<OsString> = Vec::new();
@@ -90,7 +92,7 @@ pub fn list(
 
 /// The type of a raw entry, and whether it is a kernel-format whiteout. Only character
 /// devices (and filesystems that do not fill `d_type`) need a stat.
-fn entry_type(dir: &crate::lookup::LayerDir, e: &sys::RawDirEntry) -> io::Result<(u32, bool)> {
+fn entry_type(dir: &LayerDir, e: &sys::RawDirEntry) -> io::Result<(u32, bool)> {
     let from_dtype = match e.d_type {
         libc::DT_REG => Some(libc::S_IFREG),
         libc::DT_DIR => Some(libc::S_IFDIR),
@@ -109,4 +111,10 @@ fn entry_type(dir: &crate::lookup::LayerDir, e: &sys::RawDirEntry) -> io::Result
         // Vanished between listing and stat: treat as not there.
         None => Ok((0, true)),
     }
+}
+
+/// Whether the merged directory made of `merged` shows no entries besides `.` and `..`
+/// (rmdir, and rename over a directory, need it empty).
+pub fn is_empty(stack: &LayerStack, inodes: &InodeTable, merged: &[LayerDir]) -> io::Result<bool> {
+    Ok(list(stack, inodes, merged, 0, 0)?.len() <= 2)
 }

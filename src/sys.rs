@@ -330,3 +330,45 @@ pub fn raise_nofile_limit() {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
 }
+
+/// `pwrite` that retries on EINTR and short writes; returns the bytes written.
+pub fn write_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: the slice from done is valid for its length.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // Report what was written before the error, like write(2) does.
+            return if done > 0 { Ok(done) } else { Err(err) };
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    Ok(done)
+}
+
+/// `fsync` or `fdatasync` of an open file.
+pub fn sync_fd(fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
+    // SAFETY: valid fd.
+    let ret = unsafe {
+        if data_only {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    };
+    cvt(ret).map(|_| ())
+}

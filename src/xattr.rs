@@ -49,6 +49,57 @@ pub fn list(fd: BorrowedFd<'_>, private_prefix: &str, caller: Caller) -> io::Res
         .collect())
 }
 
+/// Whether the caller may set or remove attribute `name`: the overlay's private attributes
+/// are the union's own bookkeeping (the kernel overlay answers EOPNOTSUPP), and `trusted.*`
+/// needs privilege on any filesystem (EPERM).
+pub fn check_settable(name: &OsStr, private_prefix: &str, caller: Caller) -> io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.starts_with(private_prefix.as_bytes()) {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    if caller.uid != 0 && bytes.starts_with(b"trusted.") {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    Ok(())
+}
+
+fn cname(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Sets attribute `name` on the object behind a handle (`flags`: XATTR_CREATE/REPLACE).
+pub fn set(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let path = sys::proc_fd_path(fd);
+    let name = cname(name)?;
+    // SAFETY: valid path, name and value buffer.
+    let ret = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes attribute `name` from the object behind a handle.
+pub fn remove(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let path = sys::proc_fd_path(fd);
+    let name = cname(name)?;
+    // SAFETY: valid path and name.
+    if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The listxattr wire format: names, each NUL-terminated.
 pub fn encode_names(names: &[OsString]) -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,0 +1,658 @@
+//! Changes to the union: where objects live and how names appear and disappear.
+//!
+//! Owns: copy-up orchestration (a node and, first, its parent directories move to the upper
+//! layer), and create, unlink, rmdir, rename and link with the kernel overlay's on-disk
+//! results — whiteouts (character device 0/0) where a lower layer still has the name, opaque
+//! directories where a new or moved directory lands on a name a lower layer has, and objects
+//! staged in `workdir/work` then renamed into place so no half-made object is ever visible.
+//! Must never: touch a lower layer, or reach anything but single components under held
+//! handles.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use crate::copy_up::{self, CopyUpOptions};
+use crate::inodes::{InodeTable, Node, NodeState};
+use crate::layers::LayerStack;
+use crate::lookup::{self, LayerDir, Resolved};
+use crate::readdir;
+use crate::sys;
+use crate::whiteout;
+
+fn err(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// What to create.
+#[derive(Debug, Clone, Copy)]
+pub enum NewObject<'a> {
+    File,
+    Dir,
+    /// mknod: fifo, socket, character or block device (`S_IFMT` bits in `mode`).
+    Node {
+        rdev: u64,
+    },
+    Symlink {
+        target: &'a [u8],
+    },
+}
+
+/// Who creates: the new object gets this owner, like on a real filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct Creator {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The union: its layers and its nodes.
+pub struct Union {
+    pub stack: LayerStack,
+    pub inodes: InodeTable,
+    /// Whether copy-ups are flushed before they become visible (off with volatile/fsync=0).
+    pub durable: bool,
+}
+
+impl Union {
+    pub fn new(stack: LayerStack, durable: bool) -> io::Result<Union> {
+        let root = root_of(&stack)?;
+        Ok(Union {
+            inodes: InodeTable::new(root),
+            stack,
+            durable,
+        })
+    }
+
+    pub fn node(&self, id: u64) -> io::Result<Arc<Node>> {
+        self.inodes.get(id).ok_or_else(|| err(libc::ESTALE))
+    }
+
+    /// Resolves `name` in directory `dir`.
+    pub fn resolve(&self, dir: &Node, name: &OsStr) -> io::Result<Option<Resolved>> {
+        if !dir.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        lookup::resolve(&self.stack, &dir.state().merged, name)
+    }
+
+    fn is_upper(&self, state: &NodeState) -> bool {
+        self.stack.has_upper() && state.layer == 0
+    }
+
+    fn require_upper(&self) -> io::Result<()> {
+        if self.stack.has_upper() {
+            Ok(())
+        } else {
+            Err(err(libc::EROFS))
+        }
+    }
+
+    /// The directories of `dir` below the upper layer.
+    fn lower_dirs<'a>(&self, merged: &'a [LayerDir]) -> &'a [LayerDir] {
+        match merged.first() {
+            Some(first) if self.stack.has_upper() && first.layer == 0 => &merged[1..],
+            _ => merged,
+        }
+    }
+
+    /// Whether a lower layer shows `name` in `dir`: removing or moving it away then needs a
+    /// whiteout, and a directory landing there must be opaque.
+    fn lower_has(&self, dir: &NodeState, name: &OsStr) -> io::Result<bool> {
+        Ok(lookup::resolve(&self.stack, self.lower_dirs(&dir.merged), name)?.is_some())
+    }
+
+    /// Moves `node` to the upper layer (parents first) unless it is there already; returns
+    /// its new state. `with_data: false` gives an empty file (open with O_TRUNC).
+    pub fn copy_up(&self, node: &Node, with_data: bool) -> io::Result<NodeState> {
+        let state = node.state();
+        if self.is_upper(&state) {
+            return Ok(state);
+        }
+        self.require_upper()?;
+        let _serialised = node.copy_up.lock();
+        let state = node.state();
+        if self.is_upper(&state) {
+            return Ok(state);
+        }
+        let parent = self.node(state.parent)?;
+        let upper_parent = self.upper_dir(&parent)?;
+        let name = sys::component(&state.name)?;
+        let from = sys::stat_fd(state.fd.as_fd())?;
+        let fd = copy_up::copy_up(
+            state.fd.as_fd(),
+            self.stack.work()?,
+            upper_parent.as_fd(),
+            &name,
+            &CopyUpOptions {
+                private_xattr_prefix: self.stack.xattr_prefix,
+                with_data,
+                durable: self.durable,
+            },
+        )?;
+        let to = sys::stat_fd(fd.as_fd())?;
+        let fd = Arc::new(fd);
+        let merged = if node.is_dir() {
+            let mut merged = vec![LayerDir {
+                layer: 0,
+                fd: fd.clone(),
+            }];
+            merged.extend(state.merged.iter().cloned());
+            merged
+        } else {
+            Vec::new()
+        };
+        let new_state = NodeState {
+            layer: 0,
+            fd,
+            merged: Arc::new(merged),
+            parent: state.parent,
+            name: state.name.clone(),
+        };
+        self.inodes
+            .copied_up(node, (from.st_dev, from.st_ino), (to.st_dev, to.st_ino));
+        node.set_state(new_state.clone());
+        log::debug!("copied up {:?}", state.name);
+        Ok(new_state)
+    }
+
+    /// The upper directory of `dir`, copying it up first if needed.
+    pub fn upper_dir(&self, dir: &Node) -> io::Result<Arc<OwnedFd>> {
+        if !dir.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        let state = self.copy_up(dir, false)?;
+        state
+            .merged
+            .first()
+            .map(|d| d.fd.clone())
+            .ok_or_else(|| err(libc::EIO))
+    }
+
+    /// Creates `name` in `parent`; returns what the name now resolves to.
+    pub fn create(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        what: NewObject<'_>,
+        mode: u32,
+        creator: Creator,
+    ) -> io::Result<Resolved> {
+        self.require_upper()?;
+        // A `.wh.` name would act as an AUFS whiteout in this union, not as a file.
+        if whiteout::classify(name) != whiteout::NameKind::Visible {
+            return Err(err(libc::EINVAL));
+        }
+        if self.resolve(parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let upper = self.upper_dir(parent)?;
+        let cname = sys::component(name)?;
+        let (gid, mode) = inherit_group(upper.as_fd(), creator.gid, mode, &what)?;
+        let over_whiteout =
+            sys::stat_at(upper.as_fd(), &cname)?.is_some_and(|st| whiteout::is_whiteout(&st));
+        if over_whiteout {
+            // Build it aside, then swap it with the whiteout in one rename, like the kernel:
+            // a directory made where a lower one was deleted must hide the lower contents.
+            let work = self.stack.work()?;
+            let tmp = copy_up::temp_name();
+            make(work, &tmp, what, mode, creator.uid, gid)?;
+            let placed = (|| {
+                if matches!(what, NewObject::Dir) {
+                    self.set_opaque(work, &tmp)?;
+                }
+                rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
+            })();
+            match placed {
+                Ok(()) => remove_entry(work, &tmp)?,
+                Err(e) => {
+                    let _ = remove_entry(work, &tmp);
+                    return Err(e);
+                }
+            }
+        } else {
+            make(upper.as_fd(), &cname, what, mode, creator.uid, gid)?;
+        }
+        self.resolve(parent, name)?.ok_or_else(|| err(libc::EIO))
+    }
+
+    /// Removes the non-directory `name` from `parent`.
+    pub fn unlink(&self, parent: &Node, name: &OsStr) -> io::Result<()> {
+        self.require_upper()?;
+        let found = self
+            .resolve(parent, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
+        if found.stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Err(err(libc::EISDIR));
+        }
+        let needs_whiteout = self.lower_has(&parent.state(), name)?;
+        let upper = self.upper_dir(parent)?;
+        let cname = sys::component(name)?;
+        if !(self.stack.has_upper() && found.layer == 0) {
+            return self.make_whiteout(upper.as_fd(), &cname);
+        }
+        if needs_whiteout {
+            // Replace the upper object by a whiteout in one rename.
+            let work = self.stack.work()?;
+            let tmp = copy_up::temp_name();
+            self.make_whiteout(work, &tmp)?;
+            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cname, 0) {
+                let _ = remove_entry(work, &tmp);
+                return Err(e);
+            }
+            Ok(())
+        } else {
+            // SAFETY: valid fd and name.
+            cvt(unsafe { libc::unlinkat(upper.as_raw_fd(), cname.as_ptr(), 0) })
+        }
+    }
+
+    /// Removes the empty directory `name` from `parent`.
+    pub fn rmdir(&self, parent: &Node, name: &OsStr) -> io::Result<()> {
+        self.require_upper()?;
+        let found = self
+            .resolve(parent, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
+        if found.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(err(libc::ENOTDIR));
+        }
+        if !readdir::is_empty(&self.stack, &self.inodes, &found.merged)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let needs_whiteout = self.lower_has(&parent.state(), name)?;
+        let upper = self.upper_dir(parent)?;
+        let cname = sys::component(name)?;
+        if !(self.stack.has_upper() && found.layer == 0) {
+            return self.make_whiteout(upper.as_fd(), &cname);
+        }
+        // The upper directory may still hold whiteouts of lower entries: move it aside in
+        // one rename (leaving a whiteout if a lower layer has the name), then clear it.
+        let work = self.stack.work()?;
+        let tmp = copy_up::temp_name();
+        if needs_whiteout {
+            self.make_whiteout(work, &tmp)?;
+            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE) {
+                let _ = remove_entry(work, &tmp);
+                return Err(e);
+            }
+        } else {
+            rename2(upper.as_fd(), &cname, work, &tmp, libc::RENAME_NOREPLACE)?;
+        }
+        remove_tree(work, &tmp)
+    }
+
+    /// Renames `name` in `parent` to `newname` in `newparent`; `flags` are renameat2's
+    /// RENAME_NOREPLACE / RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        newparent: &Node,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.require_upper()?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return Err(err(libc::EINVAL));
+        }
+        if whiteout::classify(newname) != whiteout::NameKind::Visible {
+            return Err(err(libc::EINVAL));
+        }
+        let src = self
+            .resolve(parent, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
+        let dst = self.resolve(newparent, newname)?;
+        let is_dir = |r: &Resolved| r.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        // Moving a directory that lower layers take part in needs a redirect, which this
+        // version does not write: answer like the kernel overlay with redirect_dir=off, so
+        // that `mv` falls back to copying.
+        let has_lower = |r: &Resolved| {
+            is_dir(r)
+                && r.merged
+                    .iter()
+                    .any(|d| !(self.stack.has_upper() && d.layer == 0))
+        };
+        if has_lower(&src) {
+            return Err(err(libc::EXDEV));
+        }
+        match &dst {
+            None if exchange => return Err(err(libc::ENOENT)),
+            Some(_) if noreplace => return Err(err(libc::EEXIST)),
+            Some(d) if exchange && has_lower(d) => return Err(err(libc::EXDEV)),
+            Some(d) if !exchange && is_dir(d) && !is_dir(&src) => {
+                return Err(err(libc::EISDIR));
+            }
+            Some(d) if !exchange && !is_dir(d) && is_dir(&src) => {
+                return Err(err(libc::ENOTDIR));
+            }
+            Some(d)
+                if !exchange
+                    && is_dir(d)
+                    && !readdir::is_empty(&self.stack, &self.inodes, &d.merged)? =>
+            {
+                return Err(err(libc::ENOTEMPTY));
+            }
+            Some(d) if (d.stat.st_dev, d.stat.st_ino) == (src.stat.st_dev, src.stat.st_ino) => {
+                // Two names of one object: POSIX says do nothing.
+                return Ok(());
+            }
+            _ => {}
+        }
+        let src_dir = is_dir(&src);
+        let dst_dir = dst.as_ref().is_some_and(is_dir);
+        let src_needs_whiteout = self.lower_has(&parent.state(), name)?;
+        let dst_lower = self.lower_has(&newparent.state(), newname)?;
+        let src_node = self.inodes.lookup(parent.id, name, src);
+        let dst_node = dst.map(|d| self.inodes.lookup(newparent.id, newname, d));
+        let result = (|| {
+            self.copy_up(&src_node, true)?;
+            if let Some(d) = &dst_node {
+                self.copy_up(d, true)?;
+            }
+            let upper_p = self.upper_dir(parent)?;
+            let upper_np = self.upper_dir(newparent)?;
+            let (cname, cnew) = (sys::component(name)?, sys::component(newname)?);
+            if exchange {
+                rename2(
+                    upper_p.as_fd(),
+                    &cname,
+                    upper_np.as_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )?;
+                if src_dir && dst_lower {
+                    self.set_opaque(upper_np.as_fd(), &cnew)?;
+                }
+                if dst_dir && src_needs_whiteout {
+                    self.set_opaque(upper_p.as_fd(), &cname)?;
+                }
+                return Ok(());
+            }
+            self.move_into_place(
+                upper_p.as_fd(),
+                &cname,
+                upper_np.as_fd(),
+                &cnew,
+                src_dir,
+                src_needs_whiteout,
+            )?;
+            if src_dir && dst_lower {
+                self.set_opaque(upper_np.as_fd(), &cnew)?;
+            }
+            Ok(())
+        })();
+        if result.is_ok() {
+            src_node.moved(newparent.id, newname.to_owned());
+            if let Some(d) = &dst_node
+                && exchange
+            {
+                d.moved(parent.id, name.to_owned());
+            }
+        }
+        self.inodes.forget(src_node.id, 1);
+        if let Some(d) = dst_node {
+            self.inodes.forget(d.id, 1);
+        }
+        result
+    }
+
+    /// The non-exchange rename inside the upper layer, leaving a whiteout at the source when
+    /// a lower layer has that name.
+    fn move_into_place(
+        &self,
+        from_dir: BorrowedFd<'_>,
+        from: &CStr,
+        to_dir: BorrowedFd<'_>,
+        to: &CStr,
+        is_dir: bool,
+        leave_whiteout: bool,
+    ) -> io::Result<()> {
+        let work = self.stack.work()?;
+        match sys::stat_at(to_dir, to)? {
+            // A whiteout at the target: a directory cannot replace it by rename, so swap
+            // them; the whiteout then sits at the source, which is what a lower name needs.
+            Some(st) if whiteout::is_whiteout(&st) && is_dir => {
+                rename2(from_dir, from, to_dir, to, libc::RENAME_EXCHANGE)?;
+                if !leave_whiteout {
+                    remove_entry(from_dir, from)?;
+                }
+                return Ok(());
+            }
+            // An upper directory at the target that still holds whiteouts of lower entries
+            // is empty in the union but not on disk: clear it out of the way first.
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                let tmp = copy_up::temp_name();
+                rename2(to_dir, to, work, &tmp, libc::RENAME_NOREPLACE)?;
+                remove_tree(work, &tmp)?;
+            }
+            _ => {}
+        }
+        if !leave_whiteout {
+            return rename2(from_dir, from, to_dir, to, 0);
+        }
+        match rename2(from_dir, from, to_dir, to, libc::RENAME_WHITEOUT) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The upper filesystem cannot leave a whiteout atomically: do it in two steps.
+                rename2(from_dir, from, to_dir, to, 0)?;
+                self.make_whiteout(from_dir, from)
+            }
+            other => other,
+        }
+    }
+
+    /// Adds a hard link `newname` in `newparent` to `node`.
+    pub fn link(&self, node: &Node, newparent: &Node, newname: &OsStr) -> io::Result<Resolved> {
+        self.require_upper()?;
+        if node.is_dir() {
+            return Err(err(libc::EPERM));
+        }
+        if whiteout::classify(newname) != whiteout::NameKind::Visible {
+            return Err(err(libc::EINVAL));
+        }
+        if self.resolve(newparent, newname)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let state = self.copy_up(node, true)?;
+        let upper = self.upper_dir(newparent)?;
+        let cnew = sys::component(newname)?;
+        let over_whiteout =
+            sys::stat_at(upper.as_fd(), &cnew)?.is_some_and(|st| whiteout::is_whiteout(&st));
+        if over_whiteout {
+            let work = self.stack.work()?;
+            let tmp = copy_up::temp_name();
+            link_at(state.fd.as_fd(), work, &tmp)?;
+            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cnew, 0) {
+                let _ = remove_entry(work, &tmp);
+                return Err(e);
+            }
+        } else {
+            link_at(state.fd.as_fd(), upper.as_fd(), &cnew)?;
+        }
+        self.resolve(newparent, newname)?
+            .ok_or_else(|| err(libc::EIO))
+    }
+
+    fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        // SAFETY: valid fd and name; a 0/0 character device is the kernel's whiteout.
+        cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), libc::S_IFCHR, 0) })
+    }
+
+    fn set_opaque(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        let fd = sys::open_path_at(dir, name)?;
+        let path = sys::proc_fd_path(fd.as_fd());
+        let attr = CString::new(format!("{}opaque", self.stack.xattr_prefix))
+            .map_err(|_| err(libc::EINVAL))?;
+        // SAFETY: valid path, name and value buffer.
+        cvt(unsafe { libc::setxattr(path.as_ptr(), attr.as_ptr(), b"y".as_ptr().cast(), 1, 0) })
+    }
+}
+
+fn root_of(stack: &LayerStack) -> io::Result<Resolved> {
+    let mut merged = Vec::new();
+    for (i, layer) in stack.layers.iter().enumerate() {
+        let fd = Arc::new(layer.root.try_clone()?);
+        let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
+        merged.push(LayerDir {
+            layer: i as u16,
+            fd,
+        });
+        if opaque {
+            break;
+        }
+    }
+    let top = merged[0].fd.clone();
+    Ok(Resolved {
+        layer: 0,
+        stat: sys::stat_fd(top.as_fd())?,
+        fd: top,
+        merged,
+    })
+}
+
+/// A new object's group and mode, with the set-group-id directory rule a real filesystem
+/// applies (FUSE leaves it to us): in a setgid directory new objects take the directory's
+/// group, and new directories stay setgid.
+fn inherit_group(
+    parent: BorrowedFd<'_>,
+    gid: u32,
+    mode: u32,
+    what: &NewObject<'_>,
+) -> io::Result<(u32, u32)> {
+    let st = sys::stat_fd(parent)?;
+    if st.st_mode & libc::S_ISGID == 0 {
+        return Ok((gid, mode));
+    }
+    let mode = if matches!(what, NewObject::Dir) {
+        mode | libc::S_ISGID
+    } else {
+        mode
+    };
+    Ok((st.st_gid, mode))
+}
+
+/// Creates one object under `dir` with exact owner and mode (the daemon runs with umask 0;
+/// the kernel already applied the caller's umask to `mode`).
+fn make(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    what: NewObject<'_>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    let perm = mode & 0o7777;
+    let d = dir.as_raw_fd();
+    // SAFETY (all arms): valid fd, name and buffers.
+    match what {
+        NewObject::File => {
+            let fd = unsafe {
+                libc::openat(
+                    d,
+                    name.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
+                    0o600 as libc::c_uint,
+                )
+            };
+            cvt(fd)?;
+            unsafe { libc::close(fd) };
+        }
+        NewObject::Dir => cvt(unsafe { libc::mkdirat(d, name.as_ptr(), 0o700) })?,
+        NewObject::Node { rdev } => {
+            cvt(unsafe { libc::mknodat(d, name.as_ptr(), (mode & libc::S_IFMT) | 0o600, rdev) })?
+        }
+        NewObject::Symlink { target } => {
+            let t = CString::new(target).map_err(|_| err(libc::EINVAL))?;
+            cvt(unsafe { libc::symlinkat(t.as_ptr(), d, name.as_ptr()) })?;
+        }
+    }
+    let owned = (|| {
+        cvt(unsafe { libc::fchownat(d, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+        // After chown, which clears set-id bits: the mode exactly as asked.
+        if !matches!(what, NewObject::Symlink { .. }) {
+            cvt(unsafe { libc::fchmodat(d, name.as_ptr(), perm, 0) })?;
+        }
+        Ok(())
+    })();
+    if owned.is_err() {
+        let _ = remove_entry(dir, name);
+    }
+    owned
+}
+
+fn rename2(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: valid fds and names.
+    cvt(unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            flags,
+        )
+    })
+}
+
+fn link_at(target: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: AT_EMPTY_PATH links the object behind the handle itself (needs
+    // CAP_DAC_READ_SEARCH, which the privileged daemon has).
+    cvt(unsafe {
+        libc::linkat(
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+}
+
+/// Removes one entry, whatever its type (a directory must be empty).
+fn remove_entry(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let is_dir =
+        sys::stat_at(dir, name)?.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid fd and name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// Removes `name` under `dir` with everything in it (a directory moved into the work dir:
+/// only whiteouts and markers are left in it), never following a symlink.
+fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let Some(st) = sys::stat_at(dir, name)? else {
+        return Ok(());
+    };
+    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        let sub = sys::open_path_at(dir, name)?;
+        for entry in sys::read_dir(sub.as_fd())? {
+            let bytes = entry.name.as_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let child = CString::new(bytes).map_err(|_| err(libc::EINVAL))?;
+            remove_tree(sub.as_fd(), &child)?;
+        }
+    }
+    remove_entry(dir, name)
+}
