@@ -227,7 +227,7 @@ fn copy_xattrs(
 ) -> io::Result<()> {
     for xname in sys::list_xattr(src)? {
         let bytes = xname.as_bytes();
-        if bytes.starts_with(private_prefix.as_bytes()) {
+        if !crate::xattr::is_user_data(bytes, private_prefix) {
             continue;
         }
         let cname = CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -51,10 +51,27 @@ struct DirStream {
     served: bool,
 }
 
+/// What a read-only open of a lower object watches: its node, the handle it was opened from,
+/// and the open flags.
+struct LowerOpen {
+    node: Arc<Node>,
+    source: Arc<OwnedFd>,
+    flags: i32,
+}
+
+/// An open file.
+struct OpenFile {
+    file: RwLock<Arc<OwnedFd>>,
+    /// For a read-only open of an object below the upper layer: its node, the handle it was
+    /// opened from and the open flags. When the node is copied up through another descriptor,
+    /// reads switch to the upper copy, as they do on the kernel overlay.
+    follows: Mutex<Option<LowerOpen>>,
+}
+
 /// The union filesystem as fuser sees it.
 pub struct OverlayFs {
     union: Union,
-    files: RwLock<HashMap<u64, Arc<OwnedFd>>>,
+    files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_handle: AtomicU64,
     settings: FsSettings,
@@ -185,12 +202,27 @@ impl OverlayFs {
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
-        self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
+        let open = self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        let mut follows = open.follows.lock();
+        if let Some(lower) = follows.as_ref() {
+            let state = lower.node.state();
+            if !Arc::ptr_eq(&state.fd, &lower.source) {
+                let upper = sys::reopen(state.fd.as_fd(), lower.flags).map_err(errno)?;
+                *open.file.write() = Arc::new(upper);
+                *follows = None;
+            }
+        }
+        drop(follows);
+        Ok(open.file.read().clone())
     }
 
-    fn register_file(&self, file: OwnedFd) -> u64 {
+    fn register_file(&self, file: OwnedFd, follows: Option<LowerOpen>) -> u64 {
         let fh = self.handle();
-        self.files.write().insert(fh, Arc::new(file));
+        let open = OpenFile {
+            file: RwLock::new(Arc::new(file)),
+            follows: Mutex::new(follows),
+        };
+        self.files.write().insert(fh, Arc::new(open));
         fh
     }
 
@@ -428,12 +460,20 @@ impl fuser::Filesystem for OverlayFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let result = self.node(ino).and_then(|node| {
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-            let file = if writing {
-                self.open_for_write(&node, flags.0)?
-            } else {
-                sys::reopen(node.state().fd.as_fd(), real_open_flags(flags.0)).map_err(errno)?
-            };
-            Ok(self.register_file(file))
+            if writing {
+                let file = self.open_for_write(&node, flags.0)?;
+                return Ok(self.register_file(file, None));
+            }
+            let state = node.state();
+            let real_flags = real_open_flags(flags.0);
+            let file = sys::reopen(state.fd.as_fd(), real_flags).map_err(errno)?;
+            let below_upper = !(self.union.stack.has_upper() && state.layer == 0);
+            let follows = below_upper.then(|| LowerOpen {
+                node: node.clone(),
+                source: state.fd.clone(),
+                flags: real_flags,
+            });
+            Ok(self.register_file(file, follows))
         });
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -464,7 +504,7 @@ impl fuser::Filesystem for OverlayFs {
             let file = sys::reopen(resolved.fd.as_fd(), real_open_flags(flags) & !libc::O_TRUNC)
                 .map_err(errno)?;
             let attr = self.remember(&dir, name, resolved)?;
-            Ok((attr, self.register_file(file)))
+            Ok((attr, self.register_file(file, None)))
         })();
         match result {
             Ok((attr, fh)) => reply.created(
@@ -682,10 +722,16 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let result = self.node(ino).and_then(|node| {
-            xattr::check_settable(name, self.union.stack.xattr_prefix, Self::caller(req))
-                .map_err(errno)?;
+            xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
             let state = self.union.copy_up(&node, true).map_err(errno)?;
-            xattr::set(state.fd.as_fd(), name, value, flags).map_err(errno)
+            xattr::set(
+                state.fd.as_fd(),
+                name,
+                value,
+                flags,
+                self.union.stack.xattr_prefix,
+            )
+            .map_err(errno)
         });
         match result {
             Ok(()) => reply.ok(),
@@ -727,8 +773,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.node(ino).and_then(|node| {
-            xattr::check_settable(name, self.union.stack.xattr_prefix, Self::caller(req))
-                .map_err(errno)?;
+            xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
             // Removing what is not there must not copy anything up.
             xattr::get(
                 node.state().fd.as_fd(),
@@ -739,7 +784,7 @@ impl fuser::Filesystem for OverlayFs {
             .map_err(errno)?
             .ok_or(Errno::NO_XATTR)?;
             let state = self.union.copy_up(&node, true).map_err(errno)?;
-            xattr::remove(state.fd.as_fd(), name).map_err(errno)
+            xattr::remove(state.fd.as_fd(), name, self.union.stack.xattr_prefix).map_err(errno)
         });
         match result {
             Ok(()) => reply.ok(),

@@ -48,6 +48,16 @@ pub enum NewObject<'a> {
     },
 }
 
+/// How a renamed object lands at its target inside the upper layer.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    is_dir: bool,
+    /// The target is a directory lower layers take part in (empty in the union).
+    clear_target: bool,
+    /// A lower layer has the source name: leave a whiteout there.
+    leave_whiteout: bool,
+}
+
 /// Who creates: the new object gets this owner, like on a real filesystem.
 #[derive(Debug, Clone, Copy)]
 pub struct Creator {
@@ -191,6 +201,11 @@ impl Union {
         // A `.wh.` name would act as an AUFS whiteout in this union, not as a file.
         if whiteout::classify(name) != whiteout::NameKind::Visible {
             return Err(err(libc::EINVAL));
+        }
+        // A 0/0 character device is how the union records deletions; like the kernel
+        // overlay, refuse to make one that would be taken for a whiteout.
+        if matches!(what, NewObject::Node { rdev: 0 }) && mode & libc::S_IFMT == libc::S_IFCHR {
+            return Err(err(libc::EPERM));
         }
         if self.resolve(parent, name)?.is_some() {
             return Err(err(libc::EEXIST));
@@ -337,23 +352,37 @@ impl Union {
             Some(d) if !exchange && !is_dir(d) && is_dir(&src) => {
                 return Err(err(libc::ENOTDIR));
             }
+            // A directory lower layers take part in must be empty in the union; a purely
+            // upper one is left to the upper filesystem's own rename to refuse.
             Some(d)
                 if !exchange
-                    && is_dir(d)
+                    && has_lower(d)
                     && !readdir::is_empty(&self.stack, &self.inodes, &d.merged)? =>
             {
                 return Err(err(libc::ENOTEMPTY));
             }
-            Some(d) if (d.stat.st_dev, d.stat.st_ino) == (src.stat.st_dev, src.stat.st_ino) => {
-                // Two names of one object: POSIX says do nothing.
+            Some(d)
+                if (d.stat.st_dev, d.stat.st_ino) == (src.stat.st_dev, src.stat.st_ino)
+                    && self.stack.has_upper()
+                    && d.layer == 0
+                    && src.layer == 0 =>
+            {
+                // Two names of one upper object: POSIX says do nothing. (Two names of one
+                // lower object are two files in the union, as in the kernel overlay without
+                // index=on, and the rename proceeds.)
                 return Ok(());
             }
             _ => {}
         }
         let src_dir = is_dir(&src);
         let dst_dir = dst.as_ref().is_some_and(is_dir);
+        let clear_target = !exchange && dst.as_ref().is_some_and(has_lower);
         let src_needs_whiteout = self.lower_has(&parent.state(), name)?;
-        let dst_lower = self.lower_has(&newparent.state(), newname)?;
+        // Like the kernel overlay: a directory (purely upper, see EXDEV above) moved into a
+        // directory that lower layers take part in is made opaque, so that a same-named
+        // lower directory can never merge into it.
+        let into_merged = !self.lower_dirs(&newparent.state().merged).is_empty();
+        let back_into_merged = !self.lower_dirs(&parent.state().merged).is_empty();
         let src_node = self.inodes.lookup(parent.id, name, src);
         let dst_node = dst.map(|d| self.inodes.lookup(newparent.id, newname, d));
         let result = (|| {
@@ -364,34 +393,34 @@ impl Union {
             let upper_p = self.upper_dir(parent)?;
             let upper_np = self.upper_dir(newparent)?;
             let (cname, cnew) = (sys::component(name)?, sys::component(newname)?);
+            // Marked before the move, as the kernel does: a rename the upper filesystem then
+            // refuses (a non-empty upper target) leaves the mark, on either side.
+            if src_dir && into_merged {
+                self.set_opaque(upper_p.as_fd(), &cname)?;
+            }
             if exchange {
-                rename2(
+                if dst_dir && back_into_merged {
+                    self.set_opaque(upper_np.as_fd(), &cnew)?;
+                }
+                return rename2(
                     upper_p.as_fd(),
                     &cname,
                     upper_np.as_fd(),
                     &cnew,
                     libc::RENAME_EXCHANGE,
-                )?;
-                if src_dir && dst_lower {
-                    self.set_opaque(upper_np.as_fd(), &cnew)?;
-                }
-                if dst_dir && src_needs_whiteout {
-                    self.set_opaque(upper_p.as_fd(), &cname)?;
-                }
-                return Ok(());
+                );
             }
             self.move_into_place(
                 upper_p.as_fd(),
                 &cname,
                 upper_np.as_fd(),
                 &cnew,
-                src_dir,
-                src_needs_whiteout,
-            )?;
-            if src_dir && dst_lower {
-                self.set_opaque(upper_np.as_fd(), &cnew)?;
-            }
-            Ok(())
+                Placement {
+                    is_dir: src_dir,
+                    clear_target,
+                    leave_whiteout: src_needs_whiteout,
+                },
+            )
         })();
         if result.is_ok() {
             src_node.moved(newparent.id, newname.to_owned());
@@ -416,9 +445,13 @@ impl Union {
         from: &CStr,
         to_dir: BorrowedFd<'_>,
         to: &CStr,
-        is_dir: bool,
-        leave_whiteout: bool,
+        how: Placement,
     ) -> io::Result<()> {
+        let Placement {
+            is_dir,
+            clear_target,
+            leave_whiteout,
+        } = how;
         let work = self.stack.work()?;
         match sys::stat_at(to_dir, to)? {
             // A whiteout at the target: a directory cannot replace it by rename, so swap
@@ -430,9 +463,10 @@ impl Union {
                 }
                 return Ok(());
             }
-            // An upper directory at the target that still holds whiteouts of lower entries
-            // is empty in the union but not on disk: clear it out of the way first.
-            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+            // An upper directory at the target that lower layers take part in was found
+            // empty in the union, but may still hold whiteouts of lower entries on disk:
+            // clear it out of the way first.
+            Some(st) if clear_target && st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 let tmp = copy_up::temp_name();
                 rename2(to_dir, to, work, &tmp, libc::RENAME_NOREPLACE)?;
                 remove_tree(work, &tmp)?;
