@@ -2000,3 +2000,201 @@ pub fn run_differential(sc: &Scenario) {
         problems.join("\n  ")
     );
 }
+
+// ---------------------------------------------------------------------------
+// write-path differential runs (added for tests/write_path.rs)
+// ---------------------------------------------------------------------------
+
+/// A whiteout as stored in an upper dir: character device 0/0.
+pub fn is_whiteout_entry(e: &Entry) -> bool {
+    e.kind == Kind::Char && e.rdev == Some((0, 0))
+}
+
+/// The kernel shares one whiteout inode (hard-linked from its work dir) among
+/// all the whiteouts it creates, so their link count and hard-link grouping
+/// are implementation details: reset both for every whiteout in `s`.
+pub fn normalize_whiteouts(s: &mut Snapshot) {
+    let wh: BTreeSet<PathBuf> = s
+        .iter()
+        .filter(|(_, e)| is_whiteout_entry(e))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for (k, e) in s.iter_mut() {
+        if wh.contains(k) {
+            e.nlink = 1;
+            e.hardlinks.clear();
+        } else {
+            e.hardlinks.retain(|p| !wh.contains(p));
+        }
+    }
+}
+
+/// Snapshot of a raw upper dir for comparisons: kernel bookkeeping xattrs
+/// left out, whiteout link counts normalized.
+pub fn upper_snapshot(upper: &Path) -> Snapshot {
+    let raw = SnapOpts {
+        ignore_xattrs: UPPER_XATTR_IGNORE.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut s = snapshot_with(upper, &raw);
+    normalize_whiteouts(&mut s);
+    s
+}
+
+/// Everything a differential run produced, after both mounts are gone.
+pub struct DiffOutcome {
+    /// keeps the layer dirs alive
+    pub scratch: Scratch,
+    pub orig: Layers,
+    /// layers the kernel overlay ran on (upper holds its result)
+    pub kernel: Layers,
+    /// layers the filesystem under test ran on
+    pub ovlfuse: Layers,
+    pub kernel_log: Vec<String>,
+    pub ovlfuse_log: Vec<String>,
+    /// merged-tree, upper-dir and lower-dir differences (not op-log ones)
+    pub problems: Vec<String>,
+}
+
+/// One "op #i" line per differing op-log entry.
+pub fn op_log_differences(klog: &[String], flog: &[String]) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..klog.len().max(flog.len()) {
+        let a = klog.get(i).map(String::as_str).unwrap_or("<none>");
+        let b = flog.get(i).map(String::as_str).unwrap_or("<none>");
+        if a != b {
+            v.push(format!("op #{i}: kernel: {a}\n      ovlfuse: {b}"));
+        }
+    }
+    v
+}
+
+/// The first differing op-log entry with up to `context` preceding entries.
+pub fn first_log_divergence(klog: &[String], flog: &[String], context: usize) -> Option<String> {
+    let n = klog.len().max(flog.len());
+    let i = (0..n).find(|&i| klog.get(i) != flog.get(i))?;
+    let mut s = format!("first divergence at op #{i} of {n}\n  preceding ops (identical):\n");
+    for (j, line) in klog
+        .iter()
+        .enumerate()
+        .take(i)
+        .skip(i.saturating_sub(context))
+    {
+        writeln!(s, "    #{j}: {line}").unwrap();
+    }
+    writeln!(
+        s,
+        "  kernel : {}\n  ovlfuse: {}",
+        klog.get(i).map(String::as_str).unwrap_or("<none>"),
+        flog.get(i).map(String::as_str).unwrap_or("<none>")
+    )
+    .unwrap();
+    Some(s)
+}
+
+/// Like [`run_differential`], but whiteout link counts in the upper dirs are
+/// normalized (see [`normalize_whiteouts`]) and, instead of panicking, the
+/// logs, the differences and the layers (both mounts unmounted) are returned.
+pub fn run_differential_collect(sc: &Scenario) -> DiffOutcome {
+    let scratch = Scratch::new();
+    let orig = scratch.layers(sc.lowers, sc.upper);
+    (sc.build)(&orig);
+    let kl = copy_layers(&orig, &scratch.mkdir("kernel"));
+    let fl = copy_layers(&orig, &scratch.mkdir("ovlfuse"));
+
+    let mut km = mount_kernel_overlay_opts(&kl, sc.opts);
+    let mut fm = mount_ovlfuse(&fl, sc.opts);
+    let ops = sc.ops;
+
+    let kroot = km.mnt.clone();
+    let klog = with_timeout(300, move || ops(&kroot));
+    let froot = fm.mnt.clone();
+    let flog = with_timeout(300, move || ops(&froot));
+
+    let mut problems = Vec::new();
+    let kroot = km.mnt.clone();
+    let ks = with_timeout(300, move || snapshot(&kroot));
+    let froot = fm.mnt.clone();
+    let fs_ = with_timeout(300, move || snapshot(&froot));
+    for d in diff_snapshots_labeled(&ks, &fs_, "kernel", "ovlfuse") {
+        problems.push(format!("merged: {d}"));
+    }
+    for p in snapshot_problems(&fs_) {
+        problems.push(format!("merged ovlfuse: {p}"));
+    }
+    km.unmount();
+    fm.unmount();
+
+    if let (Some(ku), Some(fu)) = (&kl.upper, &fl.upper) {
+        let a = upper_snapshot(ku);
+        let b = upper_snapshot(fu);
+        for d in diff_snapshots_labeled(&a, &b, "kernel", "ovlfuse") {
+            problems.push(format!("upper: {d}"));
+        }
+    }
+    for (i, ol) in orig.lowers.iter().enumerate() {
+        let o = snapshot(ol);
+        for (who, l) in [("kernel", &kl.lowers[i]), ("ovlfuse", &fl.lowers[i])] {
+            for d in diff_snapshots_labeled(&o, &snapshot(l), "original", who) {
+                problems.push(format!("lower {i} modified by {who}: {d}"));
+            }
+        }
+    }
+    drop(km);
+    drop(fm);
+    DiffOutcome {
+        scratch,
+        orig,
+        kernel: kl,
+        ovlfuse: fl,
+        kernel_log: klog,
+        ovlfuse_log: flog,
+        problems,
+    }
+}
+
+/// [`run_differential_collect`] + panic listing every difference (op logs
+/// first).
+pub fn run_write_differential(sc: &Scenario) {
+    let o = run_differential_collect(sc);
+    let mut all = op_log_differences(&o.kernel_log, &o.ovlfuse_log);
+    all.extend(o.problems.iter().cloned());
+    assert!(
+        all.is_empty(),
+        "scenario {:?}: {} differences between kernel overlay and ovlfuse:\n  {}\n\
+         kernel op log:\n    {}",
+        sc.name,
+        all.len(),
+        all.join("\n  "),
+        o.kernel_log.join("\n    ")
+    );
+}
+
+/// `lowers` plus a `cp -a` copy of `upper` (in `dest/upper`) and a fresh
+/// work dir (`dest/work`), for mounting an upper another mount produced.
+pub fn layers_with_upper_copy(lowers: &[PathBuf], upper: &Path, dest: &Path) -> Layers {
+    fs::create_dir_all(dest).unwrap();
+    let to = dest.join("upper");
+    let r = run_argv(
+        &[
+            OsStr::new("cp"),
+            OsStr::new("-a"),
+            upper.as_os_str(),
+            to.as_os_str(),
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(
+        r.ok(),
+        "cp -a {} failed: {}{}",
+        upper.display(),
+        r.stdout,
+        r.stderr
+    );
+    let work = dest.join("work");
+    fs::create_dir_all(&work).unwrap();
+    Layers {
+        lowers: lowers.to_vec(),
+        upper: Some(to),
+        work: Some(work),
+    }
+}
