@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::options::{MountConfig, XattrNamespace};
+use crate::options::{MountConfig, RedirectDir};
 use crate::sys;
 
 /// Whether a layer may be written.
@@ -36,6 +36,9 @@ pub struct LayerStack {
     /// rename into the upper layer.
     pub work: Option<OwnedFd>,
     pub xattr_prefix: &'static str,
+    /// Whether directory redirects found in layers are followed (all `redirect_dir=`
+    /// settings but `nofollow`, as on the kernel overlay).
+    pub follow_redirects: bool,
 }
 
 /// Index of a layer in [`LayerStack::layers`].
@@ -65,10 +68,8 @@ impl LayerStack {
         Ok(LayerStack {
             layers,
             work,
-            xattr_prefix: match config.xattr_namespace {
-                XattrNamespace::Trusted => "trusted.overlay.",
-                XattrNamespace::User => "user.overlay.",
-            },
+            xattr_prefix: config.xattr_namespace.prefix(),
+            follow_redirects: config.redirect_dir != RedirectDir::NoFollow,
         })
     }
 

@@ -5,9 +5,10 @@
 //! merges with same-named directories below it until one is opaque; a non-directory hides
 //! everything below. Must never: open anything but single components under held handles.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use crate::layers::{LayerIndex, LayerStack};
@@ -34,6 +35,91 @@ pub struct Resolved {
     pub merged: Vec<LayerDir>,
 }
 
+/// Where the layers below are searched for a directory's lower parts. A directory moved
+/// with `redirect_dir=on` carries `<prefix>redirect`: a bare name (moved within its parent)
+/// or an absolute path from the layer roots (moved elsewhere).
+enum Target {
+    /// This name in the parent's own directory of each layer.
+    InParent(CString),
+    /// This path from each layer's root.
+    FromRoot(Vec<CString>),
+}
+
+/// One layer's candidate for the name, `None` if the layer does not have it.
+fn candidate(
+    stack: &LayerStack,
+    parent: &[LayerDir],
+    layer: LayerIndex,
+    target: &Target,
+) -> io::Result<Option<OwnedFd>> {
+    let found = match target {
+        Target::InParent(name) => match parent.iter().find(|d| d.layer == layer) {
+            Some(dir) => sys::open_path_at(dir.fd.as_fd(), name),
+            None => return Ok(None),
+        },
+        Target::FromRoot(path) => {
+            let Some((last, dirs)) = path.split_last() else {
+                return Ok(None);
+            };
+            let mut here: Option<OwnedFd> = None;
+            for component in dirs {
+                let from = here.as_ref().map_or(stack.root(layer), |f| f.as_fd());
+                let next = match sys::open_path_at(from, component) {
+                    Ok(fd) => fd,
+                    Err(e) if not_there(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if sys::stat_fd(next.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                    return Ok(None);
+                }
+                here = Some(next);
+            }
+            let from = here.as_ref().map_or(stack.root(layer), |f| f.as_fd());
+            sys::open_path_at(from, last)
+        }
+    };
+    match found {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if not_there(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn not_there(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+/// The redirect of a directory, if it has a valid one; a malformed value is an error (EIO),
+/// never a path to follow.
+fn redirect_of(stack: &LayerStack, dir: &OwnedFd) -> io::Result<Option<Target>> {
+    let name = CString::new(format!("{}redirect", stack.xattr_prefix))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let Some(value) = sys::get_xattr(dir.as_fd(), &name)? else {
+        return Ok(None);
+    };
+    let bad = || {
+        log::warn!(
+            "ignoring directory with a malformed {}redirect value {:?}",
+            stack.xattr_prefix,
+            String::from_utf8_lossy(&value)
+        );
+        io::Error::from_raw_os_error(libc::EIO)
+    };
+    match value.strip_prefix(b"/") {
+        Some(path) => {
+            let parts = path
+                .split(|b| *b == b'/')
+                .filter(|c| !c.is_empty())
+                .map(|c| sys::component(OsStr::from_bytes(c)).map_err(|_| bad()))
+                .collect::<io::Result<Vec<_>>>()?;
+            Ok(Some(Target::FromRoot(parts)))
+        }
+        None => Ok(Some(Target::InParent(
+            sys::component(OsStr::from_bytes(&value)).map_err(|_| bad())?,
+        ))),
+    }
+}
+
 /// Resolves `name` inside the merged directory whose layer directories are `parent`.
 /// `Ok(None)` means the name does not exist in the union (absent or whited out).
 pub fn resolve(
@@ -45,63 +131,66 @@ pub fn resolve(
     if classify_hidden(name) {
         return Ok(None);
     }
-    let cname = sys::component(name)?;
+    let (Some(first), Some(bottom)) = (parent.first(), parent.last()) else {
+        return Ok(None);
+    };
+    let mut target = Target::InParent(sys::component(name)?);
     let mut found: Option<Resolved> = None;
-    let last = parent.len().saturating_sub(1);
-    for (position, dir) in parent.iter().enumerate() {
-        let entry = match sys::open_path_at(dir.fd.as_fd(), &cname) {
-            Ok(fd) => Some(fd),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => None,
-            Err(e) => return Err(e),
-        };
-        if let Some(fd) = entry {
+    for layer in first.layer..stack.layers.len() as LayerIndex {
+        // Without a redirect, only the layers the parent merges can hold the name.
+        if matches!(target, Target::InParent(_)) && layer > bottom.layer {
+            break;
+        }
+        if let Some(fd) = candidate(stack, parent, layer, &target)? {
             let st = sys::stat_fd(fd.as_fd())?;
             if whiteout::is_whiteout(&st) {
                 break;
             }
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            let fd = Arc::new(fd);
             match &mut found {
                 None if !is_dir => {
                     found = Some(Resolved {
-                        layer: dir.layer,
-                        fd: Arc::new(fd),
+                        layer,
+                        fd,
                         stat: st,
                         merged: Vec::new(),
                     });
                     break;
                 }
+                // A non-directory below a directory is hidden by it, and so is all below.
+                Some(_) if !is_dir => break,
                 None => {
-                    let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
-                    let fd = Arc::new(fd);
                     found = Some(Resolved {
-                        layer: dir.layer,
+                        layer,
                         fd: fd.clone(),
                         stat: st,
                         merged: vec![LayerDir {
-                            layer: dir.layer,
-                            fd,
+                            layer,
+                            fd: fd.clone(),
                         }],
-                    });
-                    if opaque {
-                        break;
-                    }
+                    })
                 }
-                // A non-directory below a directory is hidden by it, and so is all below.
-                Some(_) if !is_dir => break,
-                Some(top) => {
-                    let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
-                    top.merged.push(LayerDir {
-                        layer: dir.layer,
-                        fd: Arc::new(fd),
-                    });
-                    if opaque {
-                        break;
-                    }
-                }
+                Some(top) => top.merged.push(LayerDir {
+                    layer,
+                    fd: fd.clone(),
+                }),
+            }
+            if whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)? {
+                break;
+            }
+            if stack.follow_redirects
+                && let Some(redirect) = redirect_of(stack, &fd)?
+            {
+                target = redirect;
             }
         }
         // An AUFS whiteout next to (or instead of) the name hides the layers below this one.
-        if position < last && whiteout::has_aufs_whiteout(dir.fd.as_fd(), name)? {
+        if let Target::InParent(n) = &target
+            && let Some(dir) = parent.iter().find(|d| d.layer == layer)
+            && layer < bottom.layer
+            && whiteout::has_aufs_whiteout(dir.fd.as_fd(), OsStr::from_bytes(n.as_bytes()))?
+        {
             break;
         }
     }

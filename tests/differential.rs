@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use std::fs;
 use std::path::Path;
 
 const BIG: u64 = (4 << 30) + (1 << 20) + 5;
@@ -362,4 +363,41 @@ fn differential_userxattr_mount_option() {
     );
     sc.opts = "userxattr";
     run_differential(&sc);
+}
+
+/// Layers written by the kernel overlay with `redirect_dir=on` (directories renamed within
+/// their parent and across parents) read the same through ovlfuse as through the kernel.
+#[test]
+fn redirects_written_by_the_kernel_are_followed() {
+    let s = Scratch::new();
+    let l = s.layers(2, true);
+    l.lower(1)
+        .write_file("a/x", b"x in bottom\n", 0o644)
+        .write_file("a/sub/y", b"y\n", 0o644)
+        .write_file("c/d/z", b"z\n", 0o644)
+        .write_file("c/d/deep/q", b"q\n", 0o644);
+    l.lower(0)
+        .write_file("a/w", b"w in top lower\n", 0o644)
+        .write_file("c/d/t", b"t\n", 0o644);
+    {
+        let k = mount_kernel_overlay_opts(&l, "redirect_dir=on");
+        let root = k.path().to_path_buf();
+        with_timeout(30, move || {
+            fs::rename(root.join("a"), root.join("b")).expect("rename within parent");
+            fs::create_dir(root.join("e")).expect("mkdir e");
+            fs::rename(root.join("c/d"), root.join("e/f")).expect("rename across parents");
+            fs::write(root.join("e/f/added"), b"new\n").expect("write into moved dir");
+        });
+    }
+    let upper = l.upper.clone().expect("upper");
+    let redirect = get_xattr(&upper.join("e/f"), "trusted.overlay.redirect")
+        .expect("the kernel wrote a redirect");
+    assert_eq!(redirect, b"/c/d");
+    let kl = copy_layers(&l, &s.mkdir("kernel"));
+    let fl = copy_layers(&l, &s.mkdir("ovlfuse"));
+    let k = mount_kernel_overlay(&kl);
+    let f = mount_ovlfuse(&fl, "");
+    assert_same_tree(k.path(), f.path());
+    let names = list_names(&f.p("e/f")).expect("list e/f");
+    assert_eq!(names, ["added", "deep", "t", "z"]);
 }
