@@ -108,14 +108,6 @@ fn refuse_unsupported(config: &MountConfig) -> Result<(), String> {
     if config.volatile {
         return not_yet("volatile");
     }
-    if config.redirect_dir == crate::options::RedirectDir::On {
-        return Err(
-            "redirect_dir=on: not implemented by this version of ovlfuse (redirects \
-                    found in layers are followed; renaming a directory that lower layers \
-                    take part in returns EXDEV, as with redirect_dir=off)"
-                .into(),
-        );
-    }
     Ok(())
 }
 

@@ -39,6 +39,9 @@ pub struct LayerStack {
     /// Whether directory redirects found in layers are followed (all `redirect_dir=`
     /// settings but `nofollow`, as on the kernel overlay).
     pub follow_redirects: bool,
+    /// Whether renaming a directory that lower layers take part in writes a redirect
+    /// (`redirect_dir=on`) instead of failing with EXDEV.
+    pub write_redirects: bool,
 }
 
 /// Index of a layer in [`LayerStack::layers`].
@@ -70,6 +73,7 @@ impl LayerStack {
             work,
             xattr_prefix: config.xattr_namespace.prefix(),
             follow_redirects: config.redirect_dir != RedirectDir::NoFollow,
+            write_redirects: config.redirect_dir == RedirectDir::On,
         })
     }
 

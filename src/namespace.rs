@@ -330,22 +330,23 @@ impl Union {
             .ok_or_else(|| err(libc::ENOENT))?;
         let dst = self.resolve(newparent, newname)?;
         let is_dir = |r: &Resolved| r.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        // Moving a directory that lower layers take part in needs a redirect, which this
-        // version does not write: answer like the kernel overlay with redirect_dir=off, so
-        // that `mv` falls back to copying.
+        // Moving a directory that lower layers take part in needs a redirect; without
+        // redirect_dir=on answer like the kernel overlay does, so that `mv` falls back to
+        // copying.
         let has_lower = |r: &Resolved| {
             is_dir(r)
                 && r.merged
                     .iter()
                     .any(|d| !(self.stack.has_upper() && d.layer == 0))
         };
-        if has_lower(&src) {
+        let redirects = self.stack.write_redirects;
+        if has_lower(&src) && !redirects {
             return Err(err(libc::EXDEV));
         }
         match &dst {
             None if exchange => return Err(err(libc::ENOENT)),
             Some(_) if noreplace => return Err(err(libc::EEXIST)),
-            Some(d) if exchange && has_lower(d) => return Err(err(libc::EXDEV)),
+            Some(d) if exchange && has_lower(d) && !redirects => return Err(err(libc::EXDEV)),
             Some(d) if !exchange && is_dir(d) && !is_dir(&src) => {
                 return Err(err(libc::EISDIR));
             }
@@ -376,6 +377,9 @@ impl Union {
         }
         let src_dir = is_dir(&src);
         let dst_dir = dst.as_ref().is_some_and(is_dir);
+        let src_redirect = has_lower(&src);
+        let dst_redirect = dst.as_ref().is_some_and(has_lower);
+        let samedir = parent.id == newparent.id;
         let clear_target = !exchange && dst.as_ref().is_some_and(has_lower);
         let src_needs_whiteout = self.lower_has(&parent.state(), name)?;
         // Like the kernel overlay: a directory (purely upper, see EXDEV above) moved into a
@@ -394,12 +398,20 @@ impl Union {
             let upper_np = self.upper_dir(newparent)?;
             let (cname, cnew) = (sys::component(name)?, sys::component(newname)?);
             // Marked before the move, as the kernel does: a rename the upper filesystem then
-            // refuses (a non-empty upper target) leaves the mark, on either side.
-            if src_dir && into_merged {
+            // refuses (a non-empty upper target) leaves the mark, on either side. A directory
+            // that lower layers take part in records where they keep it (a redirect); a purely
+            // upper one is made opaque instead.
+            if src_redirect {
+                self.set_redirect(&src_node, samedir)?;
+            } else if src_dir && into_merged {
                 self.set_opaque(upper_p.as_fd(), &cname)?;
             }
             if exchange {
-                if dst_dir && back_into_merged {
+                if let Some(d) = &dst_node
+                    && dst_redirect
+                {
+                    self.set_redirect(d, samedir)?;
+                } else if dst_dir && back_into_merged {
                     self.set_opaque(upper_np.as_fd(), &cnew)?;
                 }
                 return rename2(
@@ -525,11 +537,82 @@ impl Union {
 
     fn set_opaque(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         let fd = sys::open_path_at(dir, name)?;
-        let path = sys::proc_fd_path(fd.as_fd());
-        let attr = CString::new(format!("{}opaque", self.stack.xattr_prefix))
+        self.set_private(fd.as_fd(), "opaque", b"y")
+    }
+
+    /// Sets one of the union's own attributes (`<prefix><attr>`) on an upper object.
+    fn set_private(&self, fd: BorrowedFd<'_>, attr: &str, value: &[u8]) -> io::Result<()> {
+        let path = sys::proc_fd_path(fd);
+        let attr = CString::new(format!("{}{attr}", self.stack.xattr_prefix))
             .map_err(|_| err(libc::EINVAL))?;
         // SAFETY: valid path, name and value buffer.
-        cvt(unsafe { libc::setxattr(path.as_ptr(), attr.as_ptr(), b"y".as_ptr().cast(), 1, 0) })
+        cvt(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                attr.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        })
+    }
+
+    /// The redirect an upper directory already carries.
+    fn redirect_of(&self, state: &NodeState) -> io::Result<Option<Vec<u8>>> {
+        if !self.is_upper(state) {
+            return Ok(None);
+        }
+        let attr = CString::new(format!("{}redirect", self.stack.xattr_prefix))
+            .map_err(|_| err(libc::EINVAL))?;
+        sys::get_xattr(state.fd.as_fd(), &attr)
+    }
+
+    /// Records on the (copied-up) directory `node`, about to be renamed, where the lower
+    /// layers keep it, as the kernel does with `redirect_dir=on`: within the same parent its
+    /// current name; elsewhere the absolute path of its current place, built from each
+    /// ancestor's own redirect where it has one. An existing redirect that still holds is
+    /// kept.
+    fn set_redirect(&self, node: &Node, samedir: bool) -> io::Result<()> {
+        let state = node.state();
+        if let Some(existing) = self.redirect_of(&state)?
+            && (samedir || existing.starts_with(b"/"))
+        {
+            return Ok(());
+        }
+        let value = if samedir {
+            state.name.as_bytes().to_vec()
+        } else {
+            self.origin_path(node)?
+        };
+        self.set_private(state.fd.as_fd(), "redirect", &value)
+    }
+
+    /// The absolute path at which the lower layers keep directory `node`.
+    fn origin_path(&self, node: &Node) -> io::Result<Vec<u8>> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut state = node.state();
+        let mut id = node.id;
+        while id != crate::inodes::ROOT_ID {
+            let part = self
+                .redirect_of(&state)?
+                .unwrap_or_else(|| state.name.as_bytes().to_vec());
+            let absolute = part.starts_with(b"/");
+            parts.push(part);
+            if absolute {
+                break;
+            }
+            id = state.parent;
+            state = self.node(id)?.state();
+        }
+        parts.reverse();
+        let mut path = Vec::new();
+        for part in parts {
+            if !part.starts_with(b"/") {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&part);
+        }
+        Ok(path)
     }
 }
 

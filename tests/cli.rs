@@ -367,21 +367,3 @@ fn demo_shows_the_union_and_cleans_up() {
         .expect("demo names its directory");
     assert!(!Path::new(base).exists(), "demo left {base} behind");
 }
-
-#[test]
-fn redirect_dir_on_is_refused_not_ignored() {
-    let d = Dirs::new();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},redirect_dir=on",
-        d.p("l1"),
-        d.p("upper"),
-        d.p("work")
-    );
-    let (code, stderr) = ovlfuse(&["-o", &opts, &d.p("mnt")]);
-    assert_eq!(code, CANNOT_MOUNT, "stderr: {stderr}");
-    assert!(
-        stderr.starts_with("ovlfuse: redirect_dir=on: not implemented"),
-        "stderr: {stderr}"
-    );
-    assert_nothing_mounted(&d.p("mnt"));
-}

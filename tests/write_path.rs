@@ -2204,3 +2204,95 @@ fn random_ops_divergence_report_shows_context() {
     let r = first_log_divergence(&k, &f, 3).unwrap();
     assert!(r.contains("ovlfuse: <none>"), "{r}");
 }
+
+// ---------------------------------------------------------------------------
+// redirect_dir=on: renaming directories that lower layers take part in
+// ---------------------------------------------------------------------------
+
+/// `scenario!` with `-o redirect_dir=on` on both sides.
+macro_rules! redirect_scenario {
+    ($name:ident, $build:expr, |$o:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            #[allow(unused_must_use, unused_mut)]
+            fn ops(root: &Path) -> Vec<String> {
+                let mut $o = OpLog::new(root);
+                $body
+                $o.into_log()
+            }
+            let mut sc = Scenario::new(stringify!($name), $build, ops);
+            sc.opts = "redirect_dir=on";
+            run_write_differential(&sc);
+        }
+    };
+}
+
+redirect_scenario!(redirect_rename_merged_dir_within_its_parent, base, |o| {
+    o.rename("d", "d_renamed");
+    o.readdir("");
+    o.readdir("d_renamed");
+    o.show("d_renamed/lf");
+    o.show("d_renamed/bottom");
+    o.lstat("d");
+});
+
+redirect_scenario!(redirect_rename_lower_dir_across_parents, base, |o| {
+    o.rename("ld", "m/ld_moved");
+    o.readdir("m");
+    o.readdir("m/ld_moved");
+    o.show("m/ld_moved/x");
+    o.lstat("ld");
+    o.readdir("");
+});
+
+redirect_scenario!(redirect_rename_twice_keeps_the_origin, base, |o| {
+    o.rename("ld", "ld_a");
+    o.rename("ld_a", "d/ld_b");
+    o.rename("d/ld_b", "d/ld_c");
+    o.readdir("d/ld_c");
+    o.show("d/ld_c/y");
+    o.rename("d", "m/d2");
+    o.readdir("m/d2/ld_c");
+    o.show("m/d2/ld_c/x");
+});
+
+redirect_scenario!(redirect_rename_deep_lower_dir_and_its_parent, base, |o| {
+    o.rename("deep/a/b", "deep/b_up");
+    o.rename("deep", "deep_moved");
+    o.readdir("deep_moved");
+    o.readdir("deep_moved/b_up");
+    o.readdir("deep_moved/a");
+});
+
+redirect_scenario!(redirect_exchange_two_merged_dirs, base, |o| {
+    o.rename2("d", "m", libc::RENAME_EXCHANGE);
+    o.readdir("d");
+    o.readdir("m");
+    o.show("m/lf");
+    o.show("d/bottom");
+});
+
+redirect_scenario!(
+    redirect_rename_onto_whiteout_and_empty_lower_dir,
+    base,
+    |o| {
+        o.rename("ld", "goned");
+        o.readdir("goned");
+        o.rename("m", "emptyld");
+        o.readdir("emptyld");
+        o.readdir("");
+    }
+);
+
+redirect_scenario!(redirect_moved_dir_takes_new_files_and_empties, base, |o| {
+    o.rename("ld", "ld2");
+    o.write_file("ld2/new", b"new in moved dir\n");
+    o.unlink("ld2/x");
+    o.unlink("ld2/y");
+    o.readdir("ld2");
+    o.unlink("ld2/new");
+    o.rmdir("ld2");
+    o.readdir("");
+    o.mkdir("ld", 0o755);
+    o.readdir("ld");
+});

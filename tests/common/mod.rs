@@ -1876,8 +1876,9 @@ impl OpLog {
 
 /// Overlay xattrs that the kernel stores in the upper layer as internal
 /// bookkeeping (file handles, flags); they are implementation-specific and
-/// left out when comparing upper dirs.  `trusted.overlay.opaque` (and
-/// whiteouts) are compared.
+/// left out when comparing upper dirs.  `opaque`, `redirect` (where the lower
+/// layers keep a moved directory: it decides what the next mount shows) and
+/// whiteouts are compared.
 pub const UPPER_XATTR_IGNORE: &[&str] = &[
     "trusted.overlay.origin",
     "trusted.overlay.impure",
@@ -1885,7 +1886,6 @@ pub const UPPER_XATTR_IGNORE: &[&str] = &[
     "trusted.overlay.uuid",
     "trusted.overlay.upper",
     "trusted.overlay.metacopy",
-    "trusted.overlay.redirect",
     "trusted.overlay.protattr",
     // the same with -o userxattr
     "user.overlay.origin",
@@ -1894,7 +1894,6 @@ pub const UPPER_XATTR_IGNORE: &[&str] = &[
     "user.overlay.uuid",
     "user.overlay.upper",
     "user.overlay.metacopy",
-    "user.overlay.redirect",
     "user.overlay.protattr",
 ];
 
