@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::copy_up::{self, CopyUpOptions};
 use crate::inodes::{InodeTable, Node, NodeState};
@@ -71,6 +72,9 @@ pub struct Union {
     pub inodes: InodeTable,
     /// Whether copy-ups are flushed before they become visible (off with volatile/fsync=0).
     pub durable: bool,
+    /// Set once the process has been refused a whiteout device (no CAP_MKNOD, e.g. in a
+    /// user namespace): deletions are recorded as AUFS `.wh.NAME` files instead.
+    aufs_whiteouts: AtomicBool,
 }
 
 impl Union {
@@ -80,6 +84,7 @@ impl Union {
             inodes: InodeTable::new(root),
             stack,
             durable,
+            aufs_whiteouts: AtomicBool::new(false),
         })
     }
 
@@ -253,18 +258,10 @@ impl Union {
         let upper = self.upper_dir(parent)?;
         let cname = sys::component(name)?;
         if !(self.stack.has_upper() && found.layer == 0) {
-            return self.make_whiteout(upper.as_fd(), &cname);
+            return self.whiteout(upper.as_fd(), &cname);
         }
         if needs_whiteout {
-            // Replace the upper object by a whiteout in one rename.
-            let work = self.stack.work()?;
-            let tmp = copy_up::temp_name();
-            self.make_whiteout(work, &tmp)?;
-            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cname, 0) {
-                let _ = remove_entry(work, &tmp);
-                return Err(e);
-            }
-            Ok(())
+            self.replace_with_whiteout(upper.as_fd(), &cname)
         } else {
             // SAFETY: valid fd and name.
             cvt(unsafe { libc::unlinkat(upper.as_raw_fd(), cname.as_ptr(), 0) })
@@ -287,20 +284,30 @@ impl Union {
         let upper = self.upper_dir(parent)?;
         let cname = sys::component(name)?;
         if !(self.stack.has_upper() && found.layer == 0) {
-            return self.make_whiteout(upper.as_fd(), &cname);
+            return self.whiteout(upper.as_fd(), &cname);
         }
         // The upper directory may still hold whiteouts of lower entries: move it aside in
         // one rename (leaving a whiteout if a lower layer has the name), then clear it.
         let work = self.stack.work()?;
         let tmp = copy_up::temp_name();
-        if needs_whiteout {
-            self.make_whiteout(work, &tmp)?;
-            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE) {
-                let _ = remove_entry(work, &tmp);
-                return Err(e);
+        if needs_whiteout && !self.aufs_whiteouts.load(Ordering::Relaxed) {
+            match self.whiteout_device(work, &tmp) {
+                Ok(()) => {
+                    if let Err(e) =
+                        rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                    {
+                        let _ = remove_entry(work, &tmp);
+                        return Err(e);
+                    }
+                    return remove_tree(work, &tmp);
+                }
+                Err(e) if e.raw_os_error() != Some(libc::EPERM) => return Err(e),
+                Err(_) => {}
             }
-        } else {
-            rename2(upper.as_fd(), &cname, work, &tmp, libc::RENAME_NOREPLACE)?;
+        }
+        rename2(upper.as_fd(), &cname, work, &tmp, libc::RENAME_NOREPLACE)?;
+        if needs_whiteout {
+            self.whiteout(upper.as_fd(), &cname)?;
         }
         remove_tree(work, &tmp)
     }
@@ -488,11 +495,17 @@ impl Union {
         if !leave_whiteout {
             return rename2(from_dir, from, to_dir, to, 0);
         }
-        match rename2(from_dir, from, to_dir, to, libc::RENAME_WHITEOUT) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The upper filesystem cannot leave a whiteout atomically: do it in two steps.
+        let atomic = if self.aufs_whiteouts.load(Ordering::Relaxed) {
+            Err(err(libc::EPERM))
+        } else {
+            rename2(from_dir, from, to_dir, to, libc::RENAME_WHITEOUT)
+        };
+        match atomic {
+            // The upper filesystem cannot leave a whiteout atomically (EINVAL), or this
+            // process may not make whiteout devices (EPERM): do it in two steps.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EPERM)) => {
                 rename2(from_dir, from, to_dir, to, 0)?;
-                self.make_whiteout(from_dir, from)
+                self.whiteout(from_dir, from)
             }
             other => other,
         }
@@ -530,9 +543,66 @@ impl Union {
             .ok_or_else(|| err(libc::EIO))
     }
 
-    fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-        // SAFETY: valid fd and name; a 0/0 character device is the kernel's whiteout.
+    /// A kernel-format whiteout: a 0/0 character device (needs CAP_MKNOD).
+    fn whiteout_device(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        // SAFETY: valid fd and name.
         cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), libc::S_IFCHR, 0) })
+    }
+
+    /// Makes the absent `name` in the upper directory `dir` read as deleted: a 0/0 device,
+    /// or — once the process has been refused one — the AUFS `.wh.NAME` file, which this
+    /// union (and container tools) honour the same way.
+    fn whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        if !self.aufs_whiteouts.load(Ordering::Relaxed) {
+            match self.whiteout_device(dir, name) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.fall_back_to_aufs(),
+                other => return other,
+            }
+        }
+        let marker = aufs_marker(name)?;
+        // SAFETY: valid fd and name; an empty file.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                marker.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o600 as libc::c_uint,
+            )
+        };
+        cvt(fd)?;
+        // SAFETY: fd was just opened.
+        unsafe { libc::close(fd) };
+        Ok(())
+    }
+
+    /// Replaces the upper non-directory `name` in `dir` by a whiteout: in one rename of a
+    /// device staged in the work dir, or, with AUFS whiteouts, marker first, then unlink.
+    fn replace_with_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        if !self.aufs_whiteouts.load(Ordering::Relaxed) {
+            let work = self.stack.work()?;
+            let tmp = copy_up::temp_name();
+            match self.whiteout_device(work, &tmp) {
+                Ok(()) => {
+                    return rename2(work, &tmp, dir, name, 0).inspect_err(|_| {
+                        let _ = remove_entry(work, &tmp);
+                    });
+                }
+                Err(e) if e.raw_os_error() != Some(libc::EPERM) => return Err(e),
+                Err(_) => self.fall_back_to_aufs(),
+            }
+        }
+        self.whiteout(dir, name)?;
+        // SAFETY: valid fd and name.
+        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+    }
+
+    fn fall_back_to_aufs(&self) {
+        if !self.aufs_whiteouts.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "cannot create whiteout devices (mknod 0/0: permission denied); recording \
+                 deletions as AUFS .wh.NAME files from now on"
+            );
+        }
     }
 
     fn set_opaque(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
@@ -710,6 +780,16 @@ fn make(
         let _ = remove_entry(dir, name);
     }
     owned
+}
+
+/// `.wh.NAME` for `name`.
+fn aufs_marker(name: &CStr) -> io::Result<CString> {
+    let mut marker = whiteout::AUFS_PREFIX.to_vec();
+    marker.extend_from_slice(name.to_bytes());
+    if marker.len() > 255 {
+        return Err(err(libc::ENAMETOOLONG));
+    }
+    CString::new(marker).map_err(|_| err(libc::EINVAL))
 }
 
 fn rename2(

@@ -2296,3 +2296,63 @@ redirect_scenario!(redirect_moved_dir_takes_new_files_and_empties, base, |o| {
     o.mkdir("ld", 0o755);
     o.readdir("ld");
 });
+
+// ---------------------------------------------------------------------------
+// whiteouts without CAP_MKNOD
+// ---------------------------------------------------------------------------
+
+fn mknod_fallback_build(l: &Layers) {
+    l.lower(0)
+        .write_file("f", b"lower f\n", 0o644)
+        .write_file("g", b"lower g\n", 0o644)
+        .write_file("shadowed", b"lower shadowed\n", 0o644)
+        .mkdir("e", 0o755)
+        .write_file("d/x", b"x\n", 0o644)
+        .write_file("d/y", b"y\n", 0o644);
+    l.up().write_file("shadowed", b"upper shadowed\n", 0o644);
+}
+
+fn mknod_fallback_ops(root: &Path) {
+    fs::remove_file(root.join("f")).expect("unlink lower file");
+    fs::remove_file(root.join("shadowed")).expect("unlink shadowed file");
+    fs::remove_dir(root.join("e")).expect("rmdir lower dir");
+    fs::rename(root.join("g"), root.join("h")).expect("rename lower file");
+    fs::remove_file(root.join("d/x")).expect("unlink in merged dir");
+    fs::create_dir(root.join("e")).expect("mkdir over the deleted dir");
+}
+
+/// A daemon that may not create whiteout devices (rootless on an upper it does not own; here
+/// a seccomp filter answers EPERM to mknod and RENAME_WHITEOUT — dropping CAP_MKNOD is not
+/// enough, Linux lets anyone make a 0/0 device) records
+/// deletions as AUFS `.wh.NAME` files, and the union reads exactly as the kernel overlay's
+/// does after the same operations.
+#[test]
+fn without_whiteout_devices_deletions_fall_back_to_aufs_whiteouts() {
+    let s = Scratch::new();
+    let orig = s.layers(1, true);
+    mknod_fallback_build(&orig);
+    let kl = copy_layers(&orig, &s.mkdir("kernel"));
+    let fl = copy_layers(&orig, &s.mkdir("ovlfuse"));
+    let k = mount_kernel_overlay(&kl);
+    let f = mount_ovlfuse_denying_whiteout_devices(&fl, "");
+    for root in [k.path().to_path_buf(), f.path().to_path_buf()] {
+        with_timeout(30, move || mknod_fallback_ops(&root));
+    }
+    assert_same_tree(k.path(), f.path());
+    drop(f);
+    let upper = fl.upper.clone().expect("upper");
+    for marker in [".wh.f", ".wh.shadowed", ".wh.g", "d/.wh.x"] {
+        let meta = fs::symlink_metadata(upper.join(marker))
+            .unwrap_or_else(|e| panic!("{marker} missing in the upper layer: {e}"));
+        assert!(meta.is_file(), "{marker} is not a plain file");
+    }
+    let devices: Vec<String> = upper_snapshot(&upper)
+        .iter()
+        .filter(|(_, e)| e.kind == Kind::Char)
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(
+        devices.is_empty(),
+        "whiteout devices were made: {devices:?}"
+    );
+}

@@ -1023,11 +1023,92 @@ pub fn mount_ovlfuse(layers: &Layers, extra_opts: &str) -> Mounted {
 /// the same checks and guard as [`mount_ovlfuse`].
 pub fn mount_ovlfuse_with(layers: &Layers, args: impl FnOnce(&Path) -> Vec<OsString>) -> Mounted {
     let bin = ovlfuse_bin();
+    mount_ovlfuse_cmd(layers, |mnt| {
+        let mut argv = vec![bin.clone().into_os_string()];
+        argv.extend(args(mnt));
+        argv
+    })
+}
+
+/// Runs the full command line `argv` (program first) that must mount the filesystem under
+/// test, in daemon mode, with the checks and guard of [`mount_ovlfuse`].
+fn mount_ovlfuse_cmd(layers: &Layers, argv: impl FnOnce(&Path) -> Vec<OsString>) -> Mounted {
+    mount_ovlfuse_command(layers, |mnt| {
+        let argv = argv(mnt);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    })
+}
+
+/// Mounts the filesystem under test in daemon mode under a seccomp filter that answers EPERM to every mknod/mknodat
+/// and to renameat2 with RENAME_WHITEOUT, as a process without the right to create
+/// whiteout devices sees (e.g. rootless, on an upper it does not own).
+pub fn mount_ovlfuse_denying_whiteout_devices(layers: &Layers, extra_opts: &str) -> Mounted {
+    use std::os::unix::process::CommandExt;
+    let opts = join_opts(&layers.mount_opts(), extra_opts);
+    mount_ovlfuse_command(layers, |mnt| {
+        let mut cmd = Command::new(ovlfuse_bin());
+        cmd.arg("-o").arg(&opts).arg(mnt);
+        // SAFETY: only async-signal-safe prctl calls between fork and exec.
+        unsafe { cmd.pre_exec(deny_whiteout_devices) };
+        cmd
+    })
+}
+
+fn deny_whiteout_devices() -> io::Result<()> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code, k, jt, jf| libc::sock_filter { code, jt, jf, k };
+    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    let filter = [
+        stmt(LD_W_ABS, 4), // seccomp_data.arch
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(LD_W_ABS, 0), // seccomp_data.nr
+        jump(JEQ_K, libc::SYS_mknodat as u32, 4, 0),
+        jump(JEQ_K, libc::SYS_mknod as u32, 3, 0),
+        jump(JEQ_K, libc::SYS_renameat2 as u32, 0, 3),
+        stmt(LD_W_ABS, 16 + 4 * 8), // low half of args[4], the rename flags
+        jump(JSET_K, libc::RENAME_WHITEOUT, 0, 1),
+        stmt(RET_K, deny),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the command `build` makes for the mountpoint, which must mount the filesystem under
+/// test in daemon mode, with the checks and guard of [`mount_ovlfuse`].
+fn mount_ovlfuse_command(layers: &Layers, build: impl FnOnce(&Path) -> Command) -> Mounted {
+    let bin = ovlfuse_bin();
     let mnt = new_mountpoint(layers, "fuse");
-    let argv = args(&mnt);
-    let opts = format!("{argv:?}");
-    let mut cmd = Command::new(&bin);
-    cmd.args(&argv);
+    let mut cmd = build(&mnt);
+    let opts = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
     let r = run_cmd(&mut cmd, Duration::from_secs(30));
     let output = format!("{}{}", r.stdout, r.stderr);
     let mut m = Mounted {
