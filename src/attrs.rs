@@ -22,14 +22,6 @@ pub struct Change {
     pub mtime: Option<libc::timespec>,
 }
 
-fn cvt(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Applies `change` to the object behind the `O_PATH` handle `object`; `open`, if the
 /// caller passed a file handle, is used for truncation (it may be the only way a caller
 /// without write permission on the path can truncate).
@@ -38,7 +30,7 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
         let uid = change.uid.unwrap_or(u32::MAX);
         let gid = change.gid.unwrap_or(u32::MAX);
         // SAFETY: empty path with AT_EMPTY_PATH changes the handle's object itself.
-        cvt(unsafe {
+        sys::check(unsafe {
             libc::fchownat(
                 object.as_raw_fd(),
                 c"".as_ptr(),
@@ -51,7 +43,7 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
     if let Some(mode) = change.mode {
         let path = sys::proc_fd_path(object);
         // SAFETY: valid path; the magic link lands on the handle's own object.
-        cvt(unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) })?;
+        sys::check(unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) })?;
     }
     if let Some(size) = change.size {
         let reopened;
@@ -63,7 +55,7 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
             }
         };
         // SAFETY: valid fd.
-        cvt(unsafe { libc::ftruncate(fd, size as libc::off_t) })?;
+        sys::check(unsafe { libc::ftruncate(fd, size as libc::off_t) })?;
     }
     if change.atime.is_some() || change.mtime.is_some() {
         let omit = libc::timespec {
@@ -72,7 +64,7 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
         };
         let times = [change.atime.unwrap_or(omit), change.mtime.unwrap_or(omit)];
         // SAFETY: valid handle, empty path and a two-element times array.
-        cvt(unsafe {
+        sys::check(unsafe {
             libc::utimensat(
                 object.as_raw_fd(),
                 c"".as_ptr(),

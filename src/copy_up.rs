@@ -14,7 +14,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -75,16 +75,16 @@ pub fn copy_up(
     // Create the temporary object; from here on the guard removes it on every early return.
     let mut data_fd = None;
     match kind {
-        libc::S_IFREG => data_fd = Some(create_file_at(work, &temp, 0o600)?),
-        libc::S_IFDIR => mkdir_at(work, &temp, 0o700)?,
+        libc::S_IFREG => data_fd = Some(sys::create_file_at(work, &temp, 0o600)?),
+        libc::S_IFDIR => sys::mkdir_at(work, &temp, 0o700)?,
         libc::S_IFLNK => {
             let target = sys::readlink_fd(src)?;
             let target =
                 CString::new(target).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            symlink_at(&target, work, &temp)?;
+            sys::symlink_at(&target, work, &temp)?;
         }
         libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK => {
-            mknod_at(work, &temp, kind | 0o600, st.st_rdev)?
+            sys::mknod_at(work, &temp, kind | 0o600, st.st_rdev)?
         }
         _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     }
@@ -109,31 +109,38 @@ pub fn copy_up(
         copy_data(input.as_fd(), dst.as_fd(), st.st_size as u64)?;
     }
 
-    chown_at(work, &temp, st.st_uid, st.st_gid)?;
+    sys::chown_at(work, &temp, st.st_uid, st.st_gid)?;
     copy_xattrs(src, handle.as_fd(), kind, opts.private_xattr_prefix)?;
     if kind != libc::S_IFLNK {
-        chmod_at(work, &temp, st.st_mode & 0o7777)?;
+        sys::chmod_at(work, &temp, st.st_mode & 0o7777)?;
     }
-    set_times_at(work, &temp, &st)?;
+    sys::set_times_at(work, &temp, &st)?;
 
     if opts.durable {
         match (&data_fd, kind) {
-            (Some(fd), _) => fsync(fd.as_fd())?,
-            (None, libc::S_IFDIR) => {
-                fsync(sys::open_at(work, &temp, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd())?
-            }
+            (Some(fd), _) => sys::sync_fd(fd.as_fd(), false)?,
+            (None, libc::S_IFDIR) => sys::sync_fd(
+                sys::open_at(work, &temp, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd(),
+                false,
+            )?,
             // Symlinks and special files cannot be opened for fsync; their inode reaches the
             // disk with the directory that holds them.
-            _ => fsync(sys::reopen(work, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd())?,
+            _ => sys::sync_fd(
+                sys::reopen(work, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd(),
+                false,
+            )?,
         }
     }
     drop(data_fd);
 
-    rename_noreplace(work, &temp, upper_parent, &name)?;
+    sys::rename_at(work, &temp, upper_parent, &name, libc::RENAME_NOREPLACE)?;
     guard.armed = false;
 
     if opts.durable {
-        fsync(sys::reopen(upper_parent, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd())?;
+        sys::sync_fd(
+            sys::reopen(upper_parent, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd(),
+            false,
+        )?;
     }
     Ok(handle)
 }
@@ -149,41 +156,13 @@ pub fn clean_work_dir(work: BorrowedFd<'_>) -> io::Result<usize> {
             continue;
         }
         let name = sys::component(&entry.name)?;
-        match remove_entry(work, &name, 0) {
+        match sys::remove_tree(work, &name) {
             Ok(()) => removed += 1,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(removed)
-}
-
-/// How deep `clean_work_dir` descends into a leftover directory. Our temporary directories
-/// are always empty; this only bounds the work done on a directory someone else filled.
-const MAX_CLEAN_DEPTH: usize = 64;
-
-fn remove_entry(dir: BorrowedFd<'_>, name: &CStr, depth: usize) -> io::Result<()> {
-    let Some(st) = sys::stat_at(dir, name)? else {
-        return Ok(());
-    };
-    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return unlink_at(dir, name, 0);
-    }
-    match unlink_at(dir, name, libc::AT_REMOVEDIR) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && depth < MAX_CLEAN_DEPTH => {
-            let sub = sys::open_path_at(dir, name)?;
-            for entry in sys::read_dir(sub.as_fd())? {
-                let bytes = entry.name.as_bytes();
-                if bytes == b"." || bytes == b".." {
-                    continue;
-                }
-                let child = sys::component(&entry.name)?;
-                remove_entry(sub.as_fd(), &child, depth + 1)?;
-            }
-            unlink_at(dir, name, libc::AT_REMOVEDIR)
-        }
-        other => other,
-    }
 }
 
 /// A fresh temporary name, unique within the process and (through the pid) across the
@@ -209,7 +188,7 @@ impl Drop for TempGuard<'_> {
             return;
         }
         let flags = if self.is_dir { libc::AT_REMOVEDIR } else { 0 };
-        if let Err(e) = unlink_at(self.work, self.name, flags) {
+        if let Err(e) = sys::unlink_at(self.work, self.name, flags) {
             log::warn!(
                 "copy-up: cannot remove temporary {:?} from the work directory: {e}",
                 self.name
@@ -235,7 +214,7 @@ fn copy_xattrs(
         let Some(value) = sys::get_xattr(src, &cname)? else {
             continue;
         };
-        if let Err(e) = set_xattr(dst, &cname, &value) {
+        if let Err(e) = sys::set_xattr(dst, &cname, &value, 0) {
             let must = must_copy_xattr(bytes);
             match e.raw_os_error() {
                 // The upper filesystem does not know this attribute: like the kernel overlay,
@@ -277,7 +256,7 @@ fn copy_data(input: BorrowedFd<'_>, output: BorrowedFd<'_>, size: u64) -> io::Re
     let mut use_cfr = true;
     let mut offset = 0u64;
     while offset < size {
-        let data = match lseek(input, offset, libc::SEEK_DATA) {
+        let data = match sys::lseek(input, offset, libc::SEEK_DATA) {
             Ok(d) => d,
             // No data after offset: the rest is a hole.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
@@ -288,7 +267,7 @@ fn copy_data(input: BorrowedFd<'_>, output: BorrowedFd<'_>, size: u64) -> io::Re
         if data >= size {
             break;
         }
-        let hole = match lseek(input, data, libc::SEEK_HOLE) {
+        let hole = match sys::lseek(input, data, libc::SEEK_HOLE) {
             Ok(h) => h.min(size),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::EINVAL)) => size,
             Err(e) => return Err(e),
@@ -304,7 +283,7 @@ fn copy_data(input: BorrowedFd<'_>, output: BorrowedFd<'_>, size: u64) -> io::Re
         }
         offset = hole;
     }
-    ftruncate(output, size)
+    sys::ftruncate(output, size)
 }
 
 /// Copies `len` bytes at `offset` (same offset on both sides). Returns the bytes copied,
@@ -322,7 +301,7 @@ fn copy_range(
         let want = (len - done).min(CHUNK as u64) as usize;
         let pos = offset + done;
         if *use_cfr {
-            match copy_file_range(input, output, pos, want) {
+            match sys::copy_file_range(input, output, pos, want) {
                 Ok(0) => return Ok(done),
                 Ok(n) => {
                     done += n as u64;
@@ -346,248 +325,14 @@ fn copy_range(
         if buf.is_empty() {
             buf = vec![0u8; CHUNK];
         }
-        let got = pread(input, &mut buf[..want], pos)?;
+        let got = sys::pread(input, &mut buf[..want], pos)?;
         if got == 0 {
             return Ok(done);
         }
-        pwrite_all(output, &buf[..got], pos)?;
+        sys::pwrite_all(output, &buf[..got], pos)?;
         done += got as u64;
     }
     Ok(done)
-}
-
-// ---- private system call wrappers -------------------------------------------------------
-
-fn cvt(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// `openat(dir, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, mode)`.
-fn create_file_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    // SAFETY: valid fd and NUL-terminated name; mode is passed because O_CREAT is set.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
-}
-
-fn symlink_at(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: valid strings and fd.
-    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
-}
-
-fn mknod_at(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    mode: libc::mode_t,
-    rdev: libc::dev_t,
-) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })
-}
-
-fn unlink_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
-}
-
-fn chown_at(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    cvt(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-}
-
-/// Only called on objects this module just created as non-symlinks in the work directory.
-fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) })
-}
-
-fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()> {
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
-    // SAFETY: valid fd, name and a two-element times array.
-    cvt(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-}
-
-/// Sets an attribute on the inode behind a handle, through its /proc magic link (which
-/// lands on the inode itself, the link for a symlink handle).
-fn set_xattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
-    let path = sys::proc_fd_path(fd);
-    // SAFETY: valid path, name and value buffer.
-    cvt(unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    })
-}
-
-fn rename_noreplace(
-    from_dir: BorrowedFd<'_>,
-    from: &CStr,
-    to_dir: BorrowedFd<'_>,
-    to: &CStr,
-) -> io::Result<()> {
-    // SAFETY: valid fds and names.
-    cvt(unsafe {
-        libc::renameat2(
-            from_dir.as_raw_fd(),
-            from.as_ptr(),
-            to_dir.as_raw_fd(),
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    })
-}
-
-fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: valid fd.
-    cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
-}
-
-fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
-    let size =
-        libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: valid fd.
-    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })
-}
-
-fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: valid fd.
-    let ret = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as u64)
-    }
-}
-
-/// `copy_file_range` at explicit, equal offsets on both sides (the file positions are not
-/// used or moved).
-fn copy_file_range(
-    input: BorrowedFd<'_>,
-    output: BorrowedFd<'_>,
-    offset: u64,
-    len: usize,
-) -> io::Result<usize> {
-    let mut off_in = offset as libc::loff_t;
-    let mut off_out = offset as libc::loff_t;
-    // SAFETY: valid fds and offset pointers; flags must be 0.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_copy_file_range,
-            input.as_raw_fd(),
-            &mut off_in as *mut libc::loff_t,
-            output.as_raw_fd(),
-            &mut off_out as *mut libc::loff_t,
-            len,
-            0u32,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
-}
-
-fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(err);
-        }
-    }
-}
-
-fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        buf = &buf[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1034,12 +779,19 @@ mod tests {
         let e = env();
         std::fs::write(e.lower_path.join("f"), b"lower").unwrap();
         let temp = temp_name();
-        let file = create_file_at(e.work.as_fd(), &temp, 0o600).unwrap();
+        let file = sys::create_file_at(e.work.as_fd(), &temp, 0o600).unwrap();
         drop(file);
         std::fs::write(e.upper_path.join("f"), b"upper").unwrap();
-        let err = rename_noreplace(e.work.as_fd(), &temp, e.upper.as_fd(), c"f").unwrap_err();
+        let err = sys::rename_at(
+            e.work.as_fd(),
+            &temp,
+            e.upper.as_fd(),
+            c"f",
+            libc::RENAME_NOREPLACE,
+        )
+        .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
-        unlink_at(e.work.as_fd(), &temp, 0).unwrap();
+        sys::unlink_at(e.work.as_fd(), &temp, 0).unwrap();
     }
 
     #[test]

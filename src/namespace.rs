@@ -27,14 +27,6 @@ fn err(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)
 }
 
-fn cvt(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// What to create.
 #[derive(Debug, Clone, Copy)]
 pub enum NewObject<'a> {
@@ -230,12 +222,12 @@ impl Union {
                 if matches!(what, NewObject::Dir) {
                     self.set_opaque(work, &tmp)?;
                 }
-                rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                sys::rename_at(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
             })();
             match placed {
-                Ok(()) => remove_entry(work, &tmp)?,
+                Ok(()) => sys::remove_tree(work, &tmp)?,
                 Err(e) => {
-                    let _ = remove_entry(work, &tmp);
+                    let _ = sys::remove_tree(work, &tmp);
                     return Err(e);
                 }
             }
@@ -264,7 +256,7 @@ impl Union {
             self.replace_with_whiteout(upper.as_fd(), &cname)
         } else {
             // SAFETY: valid fd and name.
-            cvt(unsafe { libc::unlinkat(upper.as_raw_fd(), cname.as_ptr(), 0) })
+            sys::check(unsafe { libc::unlinkat(upper.as_raw_fd(), cname.as_ptr(), 0) })
         }
     }
 
@@ -294,22 +286,22 @@ impl Union {
             match self.whiteout_device(work, &tmp) {
                 Ok(()) => {
                     if let Err(e) =
-                        rename2(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                        sys::rename_at(work, &tmp, upper.as_fd(), &cname, libc::RENAME_EXCHANGE)
                     {
-                        let _ = remove_entry(work, &tmp);
+                        let _ = sys::remove_tree(work, &tmp);
                         return Err(e);
                     }
-                    return remove_tree(work, &tmp);
+                    return sys::remove_tree(work, &tmp);
                 }
                 Err(e) if e.raw_os_error() != Some(libc::EPERM) => return Err(e),
                 Err(_) => {}
             }
         }
-        rename2(upper.as_fd(), &cname, work, &tmp, libc::RENAME_NOREPLACE)?;
+        sys::rename_at(upper.as_fd(), &cname, work, &tmp, libc::RENAME_NOREPLACE)?;
         if needs_whiteout {
             self.whiteout(upper.as_fd(), &cname)?;
         }
-        remove_tree(work, &tmp)
+        sys::remove_tree(work, &tmp)
     }
 
     /// Renames `name` in `parent` to `newname` in `newparent`; `flags` are renameat2's
@@ -421,7 +413,7 @@ impl Union {
                 } else if dst_dir && back_into_merged {
                     self.set_opaque(upper_np.as_fd(), &cnew)?;
                 }
-                return rename2(
+                return sys::rename_at(
                     upper_p.as_fd(),
                     &cname,
                     upper_np.as_fd(),
@@ -476,9 +468,9 @@ impl Union {
             // A whiteout at the target: a directory cannot replace it by rename, so swap
             // them; the whiteout then sits at the source, which is what a lower name needs.
             Some(st) if whiteout::is_whiteout(&st) && is_dir => {
-                rename2(from_dir, from, to_dir, to, libc::RENAME_EXCHANGE)?;
+                sys::rename_at(from_dir, from, to_dir, to, libc::RENAME_EXCHANGE)?;
                 if !leave_whiteout {
-                    remove_entry(from_dir, from)?;
+                    sys::remove_tree(from_dir, from)?;
                 }
                 return Ok(());
             }
@@ -487,24 +479,24 @@ impl Union {
             // clear it out of the way first.
             Some(st) if clear_target && st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 let tmp = copy_up::temp_name();
-                rename2(to_dir, to, work, &tmp, libc::RENAME_NOREPLACE)?;
-                remove_tree(work, &tmp)?;
+                sys::rename_at(to_dir, to, work, &tmp, libc::RENAME_NOREPLACE)?;
+                sys::remove_tree(work, &tmp)?;
             }
             _ => {}
         }
         if !leave_whiteout {
-            return rename2(from_dir, from, to_dir, to, 0);
+            return sys::rename_at(from_dir, from, to_dir, to, 0);
         }
         let atomic = if self.aufs_whiteouts.load(Ordering::Relaxed) {
             Err(err(libc::EPERM))
         } else {
-            rename2(from_dir, from, to_dir, to, libc::RENAME_WHITEOUT)
+            sys::rename_at(from_dir, from, to_dir, to, libc::RENAME_WHITEOUT)
         };
         match atomic {
             // The upper filesystem cannot leave a whiteout atomically (EINVAL), or this
             // process may not make whiteout devices (EPERM): do it in two steps.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EPERM)) => {
-                rename2(from_dir, from, to_dir, to, 0)?;
+                sys::rename_at(from_dir, from, to_dir, to, 0)?;
                 self.whiteout(from_dir, from)
             }
             other => other,
@@ -531,13 +523,13 @@ impl Union {
         if over_whiteout {
             let work = self.stack.work()?;
             let tmp = copy_up::temp_name();
-            link_at(state.fd.as_fd(), work, &tmp)?;
-            if let Err(e) = rename2(work, &tmp, upper.as_fd(), &cnew, 0) {
-                let _ = remove_entry(work, &tmp);
+            sys::link_at(state.fd.as_fd(), work, &tmp)?;
+            if let Err(e) = sys::rename_at(work, &tmp, upper.as_fd(), &cnew, 0) {
+                let _ = sys::remove_tree(work, &tmp);
                 return Err(e);
             }
         } else {
-            link_at(state.fd.as_fd(), upper.as_fd(), &cnew)?;
+            sys::link_at(state.fd.as_fd(), upper.as_fd(), &cnew)?;
         }
         self.resolve(newparent, newname)?
             .ok_or_else(|| err(libc::EIO))
@@ -545,8 +537,7 @@ impl Union {
 
     /// A kernel-format whiteout: a 0/0 character device (needs CAP_MKNOD).
     fn whiteout_device(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-        // SAFETY: valid fd and name.
-        cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), libc::S_IFCHR, 0) })
+        sys::mknod_at(dir, name, libc::S_IFCHR, 0)
     }
 
     /// Makes the absent `name` in the upper directory `dir` read as deleted: a 0/0 device,
@@ -559,20 +550,11 @@ impl Union {
                 other => return other,
             }
         }
-        let marker = aufs_marker(name)?;
-        // SAFETY: valid fd and name; an empty file.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                marker.as_ptr(),
-                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-                0o600 as libc::c_uint,
-            )
-        };
-        cvt(fd)?;
-        // SAFETY: fd was just opened.
-        unsafe { libc::close(fd) };
-        Ok(())
+        match sys::create_file_at(dir, &aufs_marker(name)?, 0o600) {
+            // Already marked (a `.wh.` file stays after the name is created again).
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other.map(drop),
+        }
     }
 
     /// Replaces the upper non-directory `name` in `dir` by a whiteout: in one rename of a
@@ -583,8 +565,8 @@ impl Union {
             let tmp = copy_up::temp_name();
             match self.whiteout_device(work, &tmp) {
                 Ok(()) => {
-                    return rename2(work, &tmp, dir, name, 0).inspect_err(|_| {
-                        let _ = remove_entry(work, &tmp);
+                    return sys::rename_at(work, &tmp, dir, name, 0).inspect_err(|_| {
+                        let _ = sys::remove_tree(work, &tmp);
                     });
                 }
                 Err(e) if e.raw_os_error() != Some(libc::EPERM) => return Err(e),
@@ -593,7 +575,7 @@ impl Union {
         }
         self.whiteout(dir, name)?;
         // SAFETY: valid fd and name.
-        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+        sys::check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
     }
 
     fn fall_back_to_aufs(&self) {
@@ -612,19 +594,9 @@ impl Union {
 
     /// Sets one of the union's own attributes (`<prefix><attr>`) on an upper object.
     fn set_private(&self, fd: BorrowedFd<'_>, attr: &str, value: &[u8]) -> io::Result<()> {
-        let path = sys::proc_fd_path(fd);
         let attr = CString::new(format!("{}{attr}", self.stack.xattr_prefix))
             .map_err(|_| err(libc::EINVAL))?;
-        // SAFETY: valid path, name and value buffer.
-        cvt(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                attr.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        })
+        sys::set_xattr(fd, &attr, value, 0)
     }
 
     /// The redirect an upper directory already carries.
@@ -739,45 +711,25 @@ fn make(
     uid: u32,
     gid: u32,
 ) -> io::Result<()> {
-    let perm = mode & 0o7777;
-    let d = dir.as_raw_fd();
-    // SAFETY (all arms): valid fd, name and buffers.
     match what {
-        NewObject::File => {
-            let fd = unsafe {
-                libc::openat(
-                    d,
-                    name.as_ptr(),
-                    libc::O_CREAT
-                        | libc::O_EXCL
-                        | libc::O_WRONLY
-                        | libc::O_CLOEXEC
-                        | libc::O_NOFOLLOW,
-                    0o600 as libc::c_uint,
-                )
-            };
-            cvt(fd)?;
-            unsafe { libc::close(fd) };
-        }
-        NewObject::Dir => cvt(unsafe { libc::mkdirat(d, name.as_ptr(), 0o700) })?,
-        NewObject::Node { rdev } => {
-            cvt(unsafe { libc::mknodat(d, name.as_ptr(), (mode & libc::S_IFMT) | 0o600, rdev) })?
-        }
+        NewObject::File => sys::create_file_at(dir, name, 0o600).map(drop)?,
+        NewObject::Dir => sys::mkdir_at(dir, name, 0o700)?,
+        NewObject::Node { rdev } => sys::mknod_at(dir, name, (mode & libc::S_IFMT) | 0o600, rdev)?,
         NewObject::Symlink { target } => {
-            let t = CString::new(target).map_err(|_| err(libc::EINVAL))?;
-            cvt(unsafe { libc::symlinkat(t.as_ptr(), d, name.as_ptr()) })?;
+            let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
+            sys::symlink_at(&target, dir, name)?;
         }
     }
     let owned = (|| {
-        cvt(unsafe { libc::fchownat(d, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+        sys::chown_at(dir, name, uid, gid)?;
         // After chown, which clears set-id bits: the mode exactly as asked.
         if !matches!(what, NewObject::Symlink { .. }) {
-            cvt(unsafe { libc::fchmodat(d, name.as_ptr(), perm, 0) })?;
+            sys::chmod_at(dir, name, mode & 0o7777)?;
         }
         Ok(())
     })();
     if owned.is_err() {
-        let _ = remove_entry(dir, name);
+        let _ = sys::remove_tree(dir, name);
     }
     owned
 }
@@ -790,66 +742,4 @@ fn aufs_marker(name: &CStr) -> io::Result<CString> {
         return Err(err(libc::ENAMETOOLONG));
     }
     CString::new(marker).map_err(|_| err(libc::EINVAL))
-}
-
-fn rename2(
-    from_dir: BorrowedFd<'_>,
-    from: &CStr,
-    to_dir: BorrowedFd<'_>,
-    to: &CStr,
-    flags: u32,
-) -> io::Result<()> {
-    // SAFETY: valid fds and names.
-    cvt(unsafe {
-        libc::renameat2(
-            from_dir.as_raw_fd(),
-            from.as_ptr(),
-            to_dir.as_raw_fd(),
-            to.as_ptr(),
-            flags,
-        )
-    })
-}
-
-fn link_at(target: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: AT_EMPTY_PATH links the object behind the handle itself (needs
-    // CAP_DAC_READ_SEARCH, which the privileged daemon has).
-    cvt(unsafe {
-        libc::linkat(
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    })
-}
-
-/// Removes one entry, whatever its type (a directory must be empty).
-fn remove_entry(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let is_dir =
-        sys::stat_at(dir, name)?.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
-    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: valid fd and name.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
-}
-
-/// Removes `name` under `dir` with everything in it (a directory moved into the work dir:
-/// only whiteouts and markers are left in it), never following a symlink.
-fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let Some(st) = sys::stat_at(dir, name)? else {
-        return Ok(());
-    };
-    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-        let sub = sys::open_path_at(dir, name)?;
-        for entry in sys::read_dir(sub.as_fd())? {
-            let bytes = entry.name.as_bytes();
-            if bytes == b"." || bytes == b".." {
-                continue;
-            }
-            let child = CString::new(bytes).map_err(|_| err(libc::EINVAL))?;
-            remove_tree(sub.as_fd(), &child)?;
-        }
-    }
-    remove_entry(dir, name)
 }

@@ -103,35 +103,12 @@ pub fn set(
     flags: i32,
     private_prefix: &str,
 ) -> io::Result<()> {
-    let path = sys::proc_fd_path(fd);
-    let name = stored_cname(name, private_prefix)?;
-    // SAFETY: valid path, name and value buffer.
-    let ret = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    sys::set_xattr(fd, &stored_cname(name, private_prefix)?, value, flags)
 }
 
 /// Removes the user's attribute `name` from the object behind a handle.
 pub fn remove(fd: BorrowedFd<'_>, name: &OsStr, private_prefix: &str) -> io::Result<()> {
-    let path = sys::proc_fd_path(fd);
-    let name = stored_cname(name, private_prefix)?;
-    // SAFETY: valid path and name.
-    if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    sys::remove_xattr(fd, &stored_cname(name, private_prefix)?)
 }
 
 /// The listxattr wire format: names, each NUL-terminated.
