@@ -464,7 +464,7 @@ fn base(l: &Layers) {
         .symlink("ulnk", "uo");
 }
 
-/// `run_write_differential` on the scenario; `OVLFUSE_WP_DUMP=1` also
+/// `run_differential` on the scenario; `OVLFUSE_WP_DUMP=1` also
 /// prints the kernel's op log (run with `--nocapture` to see it).
 fn run(name: &'static str, build: fn(&Layers), ops: fn(&Path) -> Vec<String>) {
     let sc = Scenario::new(name, build, ops);
@@ -475,7 +475,7 @@ fn run(name: &'static str, build: fn(&Layers), ops: fn(&Path) -> Vec<String>) {
         all.extend(out.problems.iter().cloned());
         assert!(all.is_empty(), "{name}: {}", all.join("\n  "));
     } else {
-        run_write_differential(&sc);
+        run_differential(&sc);
     }
 }
 
@@ -2222,7 +2222,7 @@ macro_rules! redirect_scenario {
             }
             let mut sc = Scenario::new(stringify!($name), $build, ops);
             sc.opts = "redirect_dir=on";
-            run_write_differential(&sc);
+            run_differential(&sc);
         }
     };
 }

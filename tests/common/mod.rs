@@ -2005,82 +2005,6 @@ impl Scenario {
     }
 }
 
-/// Build the layers once, copy them twice, mount the kernel overlay on one
-/// copy and the filesystem under test on the other, run `ops` on both and
-/// compare the op logs, the merged trees, and (after unmounting) the upper
-/// dirs (raw, incl. whiteouts and overlay xattrs) and the lower dirs (must
-/// be unchanged).  Panics listing every difference.
-pub fn run_differential(sc: &Scenario) {
-    let scratch = Scratch::new();
-    let orig = scratch.layers(sc.lowers, sc.upper);
-    (sc.build)(&orig);
-    let kl = copy_layers(&orig, &scratch.mkdir("kernel"));
-    let fl = copy_layers(&orig, &scratch.mkdir("ovlfuse"));
-
-    let mut km = mount_kernel_overlay_opts(&kl, sc.opts);
-    let mut fm = mount_ovlfuse(&fl, sc.opts);
-
-    let mut problems = Vec::new();
-    let ops = sc.ops;
-
-    let kroot = km.mnt.clone();
-    let klog = with_timeout(300, move || ops(&kroot));
-    let froot = fm.mnt.clone();
-    let flog = with_timeout(300, move || ops(&froot));
-    if klog != flog {
-        let n = klog.len().max(flog.len());
-        for i in 0..n {
-            let a = klog.get(i).map(String::as_str).unwrap_or("<none>");
-            let b = flog.get(i).map(String::as_str).unwrap_or("<none>");
-            if a != b {
-                problems.push(format!("op #{i}: kernel: {a}\n      ovlfuse: {b}"));
-            }
-        }
-    }
-
-    let kroot = km.mnt.clone();
-    let ks = with_timeout(300, move || snapshot(&kroot));
-    let froot = fm.mnt.clone();
-    let fs_ = with_timeout(300, move || snapshot(&froot));
-    for d in diff_snapshots_labeled(&ks, &fs_, "kernel", "ovlfuse") {
-        problems.push(format!("merged: {d}"));
-    }
-    for p in snapshot_problems(&fs_) {
-        problems.push(format!("merged ovlfuse: {p}"));
-    }
-
-    km.unmount();
-    fm.unmount();
-
-    let raw = SnapOpts {
-        ignore_xattrs: UPPER_XATTR_IGNORE.iter().map(|s| s.to_string()).collect(),
-    };
-    if let (Some(ku), Some(fu)) = (&kl.upper, &fl.upper) {
-        let a = snapshot_with(ku, &raw);
-        let b = snapshot_with(fu, &raw);
-        for d in diff_snapshots_labeled(&a, &b, "kernel", "ovlfuse") {
-            problems.push(format!("upper: {d}"));
-        }
-    }
-    for (i, ol) in orig.lowers.iter().enumerate() {
-        let o = snapshot(ol);
-        for (who, l) in [("kernel", &kl.lowers[i]), ("ovlfuse", &fl.lowers[i])] {
-            for d in diff_snapshots_labeled(&o, &snapshot(l), "original", who) {
-                problems.push(format!("lower {i} modified by {who}: {d}"));
-            }
-        }
-    }
-    drop(km);
-    drop(fm);
-    assert!(
-        problems.is_empty(),
-        "scenario {:?}: {} differences between kernel overlay and ovlfuse:\n  {}",
-        sc.name,
-        problems.len(),
-        problems.join("\n  ")
-    );
-}
-
 // ---------------------------------------------------------------------------
 // write-path differential runs (added for tests/write_path.rs)
 // ---------------------------------------------------------------------------
@@ -2171,9 +2095,8 @@ pub fn first_log_divergence(klog: &[String], flog: &[String], context: usize) ->
     Some(s)
 }
 
-/// Like [`run_differential`], but whiteout link counts in the upper dirs are
-/// normalized (see [`normalize_whiteouts`]) and, instead of panicking, the
-/// logs, the differences and the layers (both mounts unmounted) are returned.
+/// [`run_differential`] without the verdict: the logs, the differences and
+/// the layers (both mounts unmounted) are returned.
 pub fn run_differential_collect(sc: &Scenario) -> DiffOutcome {
     let scratch = Scratch::new();
     let orig = scratch.layers(sc.lowers, sc.upper);
@@ -2232,9 +2155,13 @@ pub fn run_differential_collect(sc: &Scenario) -> DiffOutcome {
     }
 }
 
-/// [`run_differential_collect`] + panic listing every difference (op logs
-/// first).
-pub fn run_write_differential(sc: &Scenario) {
+/// Build the layers once, copy them twice, mount the kernel overlay on one
+/// copy and the filesystem under test on the other, run `ops` on both and
+/// compare the op logs, the merged trees, and (after unmounting) the upper
+/// dirs (raw, incl. whiteouts and overlay xattrs; whiteout link counts
+/// normalized) and the lower dirs (must be unchanged).  Panics listing every
+/// difference, op logs first.
+pub fn run_differential(sc: &Scenario) {
     let o = run_differential_collect(sc);
     let mut all = op_log_differences(&o.kernel_log, &o.ovlfuse_log);
     all.extend(o.problems.iter().cloned());
