@@ -6,7 +6,7 @@
 //! first.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::sys;
 
@@ -48,14 +48,13 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
     if let Some(size) = change.size {
         let reopened;
         let fd = match open {
-            Some(f) => f.as_raw_fd(),
+            Some(f) => f.as_fd(),
             None => {
                 reopened = sys::reopen(object, libc::O_WRONLY)?;
-                reopened.as_raw_fd()
+                reopened.as_fd()
             }
         };
-        // SAFETY: valid fd.
-        sys::check(unsafe { libc::ftruncate(fd, size as libc::off_t) })?;
+        sys::ftruncate(fd, size)?;
     }
     if change.atime.is_some() || change.mtime.is_some() {
         let omit = libc::timespec {

@@ -10,7 +10,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -255,8 +255,7 @@ impl Union {
         if needs_whiteout {
             self.replace_with_whiteout(upper.as_fd(), &cname)
         } else {
-            // SAFETY: valid fd and name.
-            sys::check(unsafe { libc::unlinkat(upper.as_raw_fd(), cname.as_ptr(), 0) })
+            sys::unlink_at(upper.as_fd(), &cname, 0)
         }
     }
 
@@ -574,8 +573,7 @@ impl Union {
             }
         }
         self.whiteout(dir, name)?;
-        // SAFETY: valid fd and name.
-        sys::check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+        sys::unlink_at(dir, name, 0)
     }
 
     fn fall_back_to_aufs(&self) {
