@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -49,6 +49,49 @@ fn same_prefix(a: &Path, b: &Path, len: u64) -> bool {
     true
 }
 
+/// When a round kills the daemon.
+#[derive(Debug, Clone, Copy)]
+enum Moment {
+    /// As soon as the copy-up has been asked for.
+    AtOnce,
+    /// When the copy staged in the work dir holds this many bytes.
+    Staged(u64),
+    /// Once the finished copy has been renamed into place.
+    AfterRename,
+}
+
+/// Waits (bounded) until `moment` has come for a copy-up into `upper_file` staged in `work`.
+fn wait_for(moment: Moment, work: &Path, upper_file: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let staged_size = || -> Option<u64> {
+        fs::read_dir(work)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+    };
+    while Instant::now() < deadline {
+        let reached = match moment {
+            Moment::AtOnce => true,
+            Moment::Staged(bytes) => staged_size().is_some_and(|n| n >= bytes),
+            Moment::AfterRename => upper_file.exists(),
+        };
+        if reached {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    panic!("{moment:?} never came within 60 s");
+}
+
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
 #[test]
 fn kill_9_during_copy_up_never_exposes_a_partial_file() {
     let s = Scratch::new();
@@ -56,24 +99,40 @@ fn kill_9_during_copy_up_never_exposes_a_partial_file() {
     let lower_file = l.lower(0).p("big");
     write_big_lower(&lower_file);
     let upper_file = l.up().p("big");
-    let work = l.work.clone().expect("work").join("work");
-    // Kill at spread-out moments of the copy (which takes a fraction of a second to a few
-    // seconds here), including right at its start.
-    let delays_ms = [0u64, 30, 120, 350, 700];
+    let work: PathBuf = l.work.clone().expect("work").join("work");
+    // Kill right away, at random points of the data copy (the staged file's size tells
+    // where the copy is, whatever the machine's speed), and just after the rename.
+    // OVLFUSE_SEED replays a run.
+    let mut seed: u64 = std::env::var("OVLFUSE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+        | 1;
+    eprintln!("kill moments from OVLFUSE_SEED={seed}");
+    let mut moments = vec![Moment::AtOnce];
+    for _ in 0..4 {
+        moments.push(Moment::Staged(1 + next(&mut seed) % (SIZE - 1)));
+    }
+    moments.push(Moment::AfterRename);
     let mut killed_mid_copy = 0;
-    for (round, delay) in delays_ms.iter().enumerate() {
+    for (round, moment) in moments.iter().enumerate() {
         let mut m = mount_ovlfuse(&l, "");
         let pid = m.daemon_pid().expect("daemon pid");
         let target = m.p("big");
         // Opening for append triggers the copy-up; it blocks until the copy is done, or
-        // fails with ENOTCONN once the daemon is dead.
+        // fails once the daemon is dead.
         let writer = std::thread::spawn(move || {
             fs::OpenOptions::new()
                 .append(true)
                 .open(&target)
                 .and_then(|mut f| f.write_all(b"appended\n"))
         });
-        std::thread::sleep(Duration::from_millis(*delay));
+        wait_for(*moment, &work, &upper_file);
         // SAFETY: killing the daemon this test started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -92,8 +151,8 @@ fn kill_9_during_copy_up_never_exposes_a_partial_file() {
             Ok(meta) => {
                 assert!(
                     meta.len() == SIZE || meta.len() == SIZE + 9,
-                    "round {round} (kill after {delay} ms): upper file has {} bytes, \
-                     a partial copy is visible",
+                    "round {round} (kill {moment:?}): upper file has {} bytes, a partial \
+                     copy is visible",
                     meta.len()
                 );
                 assert!(
@@ -104,7 +163,7 @@ fn kill_9_during_copy_up_never_exposes_a_partial_file() {
             }
         }
         eprintln!(
-            "round {round}: killed after {delay} ms; writer: {:?}",
+            "round {round}: killed {moment:?}; writer: {:?}",
             finished.as_ref().map(|_| "done")
         );
     }
