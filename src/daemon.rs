@@ -33,7 +33,10 @@ pub fn run(config: MountConfig) -> i32 {
     // caller waits for, so the message reaches the caller's terminal.
     let prepared = LayerStack::open(&config)
         .and_then(|stack| {
-            mount::check_mountpoint(&config.mountpoint)?;
+            match premounted_fd_number(&config.mountpoint) {
+                Some(n) => check_premounted(n)?,
+                None => mount::check_mountpoint(&config.mountpoint)?,
+            }
             clean_work(&stack, &config)?;
             Ok(stack)
         })
@@ -96,15 +99,6 @@ fn refuse_unsupported(config: &MountConfig) -> Result<(), String> {
             "{what}: not implemented by this version of ovlfuse"
         ))
     };
-    if !config.uid_mappings.is_empty() {
-        return not_yet("uidmapping");
-    }
-    if !config.gid_mappings.is_empty() {
-        return not_yet("gidmapping");
-    }
-    if config.squash_to_root || config.squash_to_uid.is_some() || config.squash_to_gid.is_some() {
-        return not_yet("squash_to_root/squash_to_uid/squash_to_gid");
-    }
     if config.volatile {
         return not_yet("volatile");
     }
@@ -115,6 +109,7 @@ fn settings(config: &MountConfig) -> FsSettings {
     FsSettings {
         ttl: Duration::from_secs_f64(config.timeout.unwrap_or(1.0).max(0.0)),
         max_write: None,
+        ids: crate::idmap::IdMap::from_config(config),
     }
 }
 
@@ -141,7 +136,66 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(ready, format!("cannot set up signal handling: {e}")),
     };
-    let spec = MountSpec {
+    // The libfuse >= 3.3 convention (xfstests, some runtimes): a mountpoint of /dev/fd/N
+    // means the caller already opened /dev/fuse as N and mounted it; serve that descriptor.
+    let premounted = premounted_fd(&config.mountpoint);
+    let device = match premounted {
+        Some(fd) => fd,
+        None => match mount::mount(&mount_spec(&config)) {
+            Ok(m) => m.into_device(),
+            Err(msg) => return fail(ready, msg),
+        },
+    };
+    let owns_mount = premounted_fd_number(&config.mountpoint).is_none();
+    let threads = worker_threads(&config);
+    let mut session_config = fuser::Config::default();
+    session_config.n_threads = Some(threads);
+    // One /dev/fuse descriptor per worker: the kernel then queues requests per thread
+    // instead of waking every worker for each one.
+    session_config.clone_fd = true;
+    // fuser answers ENOSYS to every opcode it cannot parse (FUSE_TMPFILE, FUSE_STATX, ...),
+    // which the kernel turns into EOPNOTSUPP or a GETATTR fallback, so a plain `fuse` mount
+    // needs no relay in front of fuser; `relay` is for the fuseblk mode, where FUSE_SYNCFS
+    // must be answered by us. Session::from_fd performs the INIT handshake: once it returns,
+    // the kernel has the mount's parameters and requests are being served.
+    let session = match fuser::Session::from_fd(fs, device, fuser::SessionACL::All, session_config)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            if owns_mount {
+                let _ = mount::unmount(&config.mountpoint);
+            }
+            return fail(ready, format!("FUSE handshake failed: {e}"));
+        }
+    };
+    log::info!(
+        "mounted {} ({} layers, {} threads)",
+        config.mountpoint.display(),
+        config.lowerdirs.len() + usize::from(config.upperdir.is_some()),
+        threads
+    );
+    for ignored in &config.ignored {
+        log::info!("option {ignored}: accepted for compatibility, no effect");
+    }
+    if let Some(ready) = ready {
+        ready.report(Ok(()));
+    }
+    spawn_signal_watcher(signals, owns_mount.then(|| config.mountpoint.clone()));
+    let result = session.run();
+    match result {
+        Ok(()) => {
+            log::info!("unmounted {}", config.mountpoint.display());
+            0
+        }
+        Err(e) => {
+            log::error!("session ended with an error: {e}");
+            EXIT_MOUNT_FAILED
+        }
+    }
+}
+
+fn mount_spec(config: &MountConfig) -> MountSpec {
+    MountSpec {
         mountpoint: config.mountpoint.clone(),
         fsname: config
             .fsname
@@ -158,58 +212,49 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
         default_permissions: config.default_permissions,
         // A union without an upper layer has nowhere to write.
         read_only: config.read_only || config.upperdir.is_none(),
-    };
-    let mounted = match mount::mount(&spec) {
-        Ok(m) => m,
-        Err(msg) => return fail(ready, msg),
-    };
-    let threads = worker_threads(&config);
-    let mut session_config = fuser::Config::default();
-    session_config.n_threads = Some(threads);
-    // One /dev/fuse descriptor per worker: the kernel then queues requests per thread
-    // instead of waking every worker for each one.
-    session_config.clone_fd = true;
-    // fuser answers ENOSYS to every opcode it cannot parse (FUSE_TMPFILE, FUSE_STATX, ...),
-    // which the kernel turns into EOPNOTSUPP or a GETATTR fallback, so a plain `fuse` mount
-    // needs no relay in front of fuser; `relay` is for the fuseblk mode, where FUSE_SYNCFS
-    // must be answered by us. Session::from_fd performs the INIT handshake: once it returns,
-    // the kernel has the mount's parameters and requests are being served.
-    let session = match fuser::Session::from_fd(
-        fs,
-        mounted.into_device(),
-        fuser::SessionACL::All,
-        session_config,
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = mount::unmount(&config.mountpoint);
-            return fail(ready, format!("FUSE handshake failed: {e}"));
-        }
-    };
-    log::info!(
-        "mounted {} ({} layers, {} threads)",
-        config.mountpoint.display(),
-        config.lowerdirs.len() + usize::from(config.upperdir.is_some()),
-        threads
-    );
-    for ignored in &config.ignored {
-        log::info!("option {ignored}: accepted for compatibility, no effect");
     }
-    if let Some(ready) = ready {
-        ready.report(Ok(()));
+}
+
+/// N, when `mountpoint` is `/dev/fd/N`.
+fn premounted_fd_number(mountpoint: &std::path::Path) -> Option<i32> {
+    mountpoint
+        .to_str()?
+        .strip_prefix("/dev/fd/")?
+        .parse()
+        .ok()
+        .filter(|n| *n >= 0)
+}
+
+/// `/dev/fd/N` must name an open `/dev/fuse` descriptor.
+fn check_premounted(n: i32) -> Result<(), String> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor number, valid out-pointer.
+    if unsafe { libc::fstat(n, &mut st) } != 0 {
+        return Err(format!(
+            "mountpoint /dev/fd/{n}: descriptor {n} is not open (the caller must open \
+             /dev/fuse, mount it, and pass the descriptor)"
+        ));
     }
-    spawn_signal_watcher(signals, config.mountpoint.clone());
-    let result = session.run();
-    match result {
-        Ok(()) => {
-            log::info!("unmounted {}", config.mountpoint.display());
-            0
-        }
-        Err(e) => {
-            log::error!("session ended with an error: {e}");
-            EXIT_MOUNT_FAILED
-        }
+    let is_fuse_device = st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && libc::major(st.st_rdev) == 10
+        && libc::minor(st.st_rdev) == 229;
+    if !is_fuse_device {
+        return Err(format!(
+            "mountpoint /dev/fd/{n}: descriptor {n} is not /dev/fuse"
+        ));
     }
+    Ok(())
+}
+
+/// Takes ownership of descriptor N for `/dev/fd/N`, if it is open.
+fn premounted_fd(mountpoint: &std::path::Path) -> Option<OwnedFd> {
+    let n = premounted_fd_number(mountpoint)?;
+    // SAFETY: fcntl only queries the descriptor.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the caller handed descriptor N over to us by naming it on the command line.
+    Some(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 fn fail(ready: Option<ReadyPipe>, msg: String) -> i32 {
@@ -318,8 +363,10 @@ fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
 }
 
 /// SIGTERM/SIGINT end the mount the same way `umount` does: the kernel then closes the
-/// connection and the session returns. SIGHUP (a closed terminal) is ignored.
-fn spawn_signal_watcher(set: libc::sigset_t, mountpoint: std::path::PathBuf) {
+/// connection and the session returns. For a mount the caller made (`/dev/fd/N`) there is
+/// no mountpoint to unmount: the daemon exits, and the caller's mount reports ENOTCONN
+/// until the caller unmounts it. SIGHUP (a closed terminal) is ignored.
+fn spawn_signal_watcher(set: libc::sigset_t, mountpoint: Option<std::path::PathBuf>) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -333,8 +380,12 @@ fn spawn_signal_watcher(set: libc::sigset_t, mountpoint: std::path::PathBuf) {
                     log::info!("SIGHUP ignored");
                     continue;
                 }
+                let Some(mountpoint) = &mountpoint else {
+                    log::info!("signal {sig}: exiting (the caller owns the mount)");
+                    std::process::exit(0);
+                };
                 log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                if let Err(e) = mount::unmount(&mountpoint) {
+                if let Err(e) = mount::unmount(mountpoint) {
                     log::error!("cannot unmount {}: {e}", mountpoint.display());
                 }
             }

@@ -26,6 +26,7 @@ use fuser::{
 };
 use parking_lot::{Mutex, RwLock};
 
+use crate::idmap::IdMap;
 use crate::inodes::{Node, ROOT_ID};
 use crate::layers::LayerStack;
 use crate::lookup::Resolved;
@@ -42,6 +43,8 @@ pub struct FsSettings {
     /// Largest WRITE the transport can carry, when something smaller than fuser's default
     /// bounds it (the relay's socket buffers do).
     pub max_write: Option<u32>,
+    /// Owner ids as shown versus as stored (uidmapping/gidmapping/squash_*).
+    pub ids: IdMap,
 }
 
 struct DirStream {
@@ -138,8 +141,8 @@ impl OverlayFs {
             kind: file_type(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink,
-            uid: st.st_uid,
-            gid: st.st_gid,
+            uid: self.settings.ids.shown_uid(st.st_uid),
+            gid: self.settings.ids.shown_gid(st.st_gid),
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,
@@ -242,15 +245,25 @@ impl OverlayFs {
         mode: u32,
     ) -> Result<FileAttr, Errno> {
         let dir = self.node(parent)?;
-        let creator = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
         let resolved = self
             .union
-            .create(&dir, name, what, mode, creator)
+            .create(&dir, name, what, mode, self.creator(req))
             .map_err(errno)?;
         self.remember(&dir, name, resolved)
+    }
+
+    /// The owner a new object gets: the caller's ids as the layers store them (a caller
+    /// outside every mapping creates overflow-owned objects, as in a user namespace).
+    fn creator(&self, req: &Request) -> Creator {
+        let ids = &self.settings.ids;
+        Creator {
+            uid: ids
+                .stored_uid(req.uid())
+                .unwrap_or(crate::idmap::OVERFLOW_ID),
+            gid: ids
+                .stored_gid(req.gid())
+                .unwrap_or(crate::idmap::OVERFLOW_ID),
+        }
     }
 
     fn caller(req: &Request) -> Caller {
@@ -312,10 +325,16 @@ impl fuser::Filesystem for OverlayFs {
             // Only the data up to the new size matters when truncating to zero.
             let with_data = size != Some(0);
             let state = self.union.copy_up(&node, with_data).map_err(errno)?;
+            let ids = &self.settings.ids;
+            let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
+                // An id no mapping covers cannot be stored, as in a user namespace.
+                Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
+                None => Ok(None),
+            };
             let change = crate::attrs::Change {
                 mode,
-                uid,
-                gid,
+                uid: stored(uid, &|id| ids.stored_uid(id))?,
+                gid: stored(gid, &|id| ids.stored_gid(id))?,
                 size,
                 atime: atime.map(time_spec),
                 mtime: mtime.map(time_spec),
@@ -493,13 +512,9 @@ impl fuser::Filesystem for OverlayFs {
     ) {
         let result = (|| {
             let dir = self.node(parent)?;
-            let creator = Creator {
-                uid: req.uid(),
-                gid: req.gid(),
-            };
             let resolved = self
                 .union
-                .create(&dir, name, NewObject::File, mode, creator)
+                .create(&dir, name, NewObject::File, mode, self.creator(req))
                 .map_err(errno)?;
             let file = sys::reopen(resolved.fd.as_fd(), real_open_flags(flags) & !libc::O_TRUNC)
                 .map_err(errno)?;

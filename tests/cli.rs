@@ -367,3 +367,31 @@ fn demo_shows_the_union_and_cleans_up() {
         .expect("demo names its directory");
     assert!(!Path::new(base).exists(), "demo left {base} behind");
 }
+
+#[test]
+fn malformed_uid_mapping_is_named() {
+    let d = Dirs::new();
+    let opts = format!("lowerdir={},uidmapping=0:1000", d.p("l1"));
+    assert_fails(
+        ovlfuse(&["-o", &opts, &d.p("mnt")]),
+        USAGE,
+        "ovlfuse: invalid uidmapping= \"0:1000\": expected CONTAINER:HOST:SIZE triples separated by ':'",
+    );
+    let opts = format!("lowerdir={},gidmapping=0:x:1", d.p("l1"));
+    assert_fails(
+        ovlfuse(&["-o", &opts, &d.p("mnt")]),
+        USAGE,
+        "ovlfuse: invalid gidmapping= \"0:x:1\": \"x\" is not a number from 0 to 4294967295",
+    );
+}
+
+#[test]
+fn dev_fd_that_is_not_open_is_refused() {
+    let d = Dirs::new();
+    let opts = format!("lowerdir={}", d.p("l1"));
+    assert_fails(
+        ovlfuse(&["-o", &opts, "/dev/fd/987"]),
+        CANNOT_MOUNT,
+        "ovlfuse: mountpoint /dev/fd/987: descriptor 987 is not open (the caller must open /dev/fuse, mount it, and pass the descriptor)",
+    );
+}

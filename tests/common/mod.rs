@@ -10,6 +10,7 @@
 //! tests themselves.
 #![allow(dead_code)]
 
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fmt::Write as _;
@@ -1104,7 +1105,7 @@ fn deny_whiteout_devices() -> io::Result<()> {
 
 /// Runs the command `build` makes for the mountpoint, which must mount the filesystem under
 /// test in daemon mode, with the checks and guard of [`mount_ovlfuse`].
-fn mount_ovlfuse_command(layers: &Layers, build: impl FnOnce(&Path) -> Command) -> Mounted {
+pub fn mount_ovlfuse_command(layers: &Layers, build: impl FnOnce(&Path) -> Command) -> Mounted {
     let bin = ovlfuse_bin();
     let mnt = new_mountpoint(layers, "fuse");
     let mut cmd = build(&mnt);
