@@ -110,6 +110,7 @@ fn settings(config: &MountConfig) -> FsSettings {
         ttl: Duration::from_secs_f64(config.timeout.unwrap_or(1.0).max(0.0)),
         max_write: None,
         ids: crate::idmap::IdMap::from_config(config),
+        flush: config.syncs_to_disk(),
     }
 }
 

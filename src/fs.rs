@@ -45,6 +45,9 @@ pub struct FsSettings {
     pub max_write: Option<u32>,
     /// Owner ids as shown versus as stored (uidmapping/gidmapping/squash_*).
     pub ids: IdMap,
+    /// Whether fsync/fdatasync/fsyncdir flush the upper layer (`fsync=0` turns it off, at
+    /// the user's explicit request).
+    pub flush: bool,
 }
 
 struct DirStream {
@@ -607,6 +610,9 @@ impl fuser::Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if !self.settings.flush {
+            return reply.ok();
+        }
         match self
             .file(fh)
             .and_then(|f| sys::sync_fd(f.as_fd(), datasync).map_err(errno))
@@ -692,6 +698,9 @@ impl fuser::Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if !self.settings.flush {
+            return reply.ok();
+        }
         // A directory only in lower layers has nothing of ours to flush.
         let result = self.node(ino).and_then(|dir| {
             let state = dir.state();

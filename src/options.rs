@@ -336,7 +336,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt(
         "volatile",
         None,
-        "never fsync; data may be lost on a crash",
+        "never flush the upper layer (not implemented yet: refused at mount)",
         Key::Volatile,
     ),
     // FUSE and mount options.
@@ -524,7 +524,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "SELinux label, not applied: accepted, no effect",
         Key::Ignored,
     ),
-    opt("noacl", None, "do not support POSIX ACLs", Key::NoAcl),
+    opt(
+        "noacl",
+        None,
+        "nothing to turn off: ACL attributes are kept in the layers like any xattr",
+        Key::NoAcl,
+    ),
     opt(
         "timeout",
         Some("SECONDS"),
@@ -571,7 +576,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt(
         "fsync",
         Some("0|1|volatile"),
-        "0 or volatile: skip fsync; 1: honour it (default)",
+        "0: fsync/fdatasync and copy-up flushes become no-ops (data may be lost on a crash); 1: honour them (default); volatile: as the volatile option",
         Key::Fsync,
     ),
     opt("threaded", Some("0|1"), NO_EFFECT, Key::IgnoredChoice),
