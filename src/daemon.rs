@@ -22,8 +22,12 @@ pub const EXIT_MOUNT_FAILED: i32 = 1;
 
 /// Runs a mount to its end; returns the process exit code.
 pub fn run(config: MountConfig) -> i32 {
+    // Detached, the daemon has no terminal: log to syslog from the start, so that what
+    // mount-time checks log reaches the same place as what the daemon logs later.
     if config.foreground {
         init_stderr_logging(config.debug);
+    } else {
+        init_syslog(config.debug);
     }
     if let Err(msg) = refuse_unsupported(&config) {
         eprintln!("ovlfuse: {msg}");
@@ -56,10 +60,7 @@ pub fn run(config: MountConfig) -> i32 {
     }
     match detach() {
         Ok(Detached::Parent(status)) => status,
-        Ok(Detached::Child(ready)) => {
-            init_syslog(config.debug);
-            serve(config, fs, Some(ready))
-        }
+        Ok(Detached::Child(ready)) => serve(config, fs, Some(ready)),
         Err(e) => {
             eprintln!("ovlfuse: cannot start the daemon process: {e}");
             EXIT_MOUNT_FAILED

@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::options::{MountConfig, RedirectDir};
+use crate::options::{MountConfig, RedirectDir, XattrNamespace};
 use crate::sys;
 
 /// Whether a layer may be written.
@@ -68,10 +68,28 @@ impl LayerStack {
             (Some(upper), Some(work)) => Some(open_workdir(upper, work, layers[0].dev)?),
             _ => None,
         };
+        let xattr_prefix = match (config.xattr_namespace, &work) {
+            (XattrNamespace::Trusted, Some(work)) if !can_set_trusted(work.as_fd()) => {
+                // Unprivileged (a user namespace): trusted.* cannot be written at all, so
+                // the union could not record an opaque directory or a redirect. The kernel
+                // overlay needs `userxattr` spelled out here; say what we fall back to.
+                log::warn!(
+                    "cannot set trusted.* xattrs in {} (not privileged): using user.overlay.* \
+                     as with -o userxattr",
+                    config
+                        .workdir
+                        .as_deref()
+                        .unwrap_or(Path::new("workdir"))
+                        .display()
+                );
+                XattrNamespace::User.prefix()
+            }
+            (namespace, _) => namespace.prefix(),
+        };
         Ok(LayerStack {
             layers,
             work,
-            xattr_prefix: config.xattr_namespace.prefix(),
+            xattr_prefix,
             follow_redirects: config.redirect_dir != RedirectDir::NoFollow,
             write_redirects: config.redirect_dir == RedirectDir::On,
         })
@@ -86,6 +104,25 @@ impl LayerStack {
     pub fn root(&self, index: LayerIndex) -> BorrowedFd<'_> {
         self.layers[index as usize].root.as_fd()
     }
+}
+
+/// Whether this process may write `trusted.*` attributes in the work dir (on a scratch
+/// directory it removes again): only with CAP_SYS_ADMIN in the initial user namespace.
+fn can_set_trusted(work: BorrowedFd<'_>) -> bool {
+    let name = crate::copy_up::temp_name();
+    if sys::mkdir_at(work, &name, 0o700).is_err() {
+        return true; // cannot tell; keep the default and let real errors surface later
+    }
+    let allowed = sys::open_path_at(work, &name)
+        .and_then(|dir| sys::set_xattr(dir.as_fd(), c"trusted.overlay.ovlfuse-probe", b"", 0))
+        .map(|()| true)
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => Ok(false),
+            _ => Ok::<bool, std::io::Error>(true),
+        })
+        .unwrap_or(true);
+    let _ = sys::remove_tree(work, &name);
+    allowed
 }
 
 fn describe(err: &std::io::Error) -> String {

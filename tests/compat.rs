@@ -402,3 +402,91 @@ fn dev_fd_mountpoint_serves_a_mount_the_caller_made() {
         "daemon exit after umount"
     );
 }
+
+/// Rootless: a non-root user in a user namespace (`unshare -Urm`) mounts with plain
+/// mount(2), which FUSE allows there. trusted.* cannot be written, so the union falls back
+/// to user.overlay.* and says so once in the log. (/dev/fuse is 0600 on this machine kind:
+/// the test makes it usable only inside its own private mount namespace.)
+#[test]
+fn rootless_mount_in_a_user_namespace_falls_back_to_user_xattrs() {
+    let s = Scratch::new();
+    let l = s.layers(1, true);
+    l.lower(0)
+        .write_file("f", b"hi\n", 0o644)
+        .write_file("d/x", b"x\n", 0o644)
+        .write_file("g", b"g\n", 0o644);
+    let base = s.mkdir("rootless");
+    let bin = base.join("ovlfuse");
+    fs::copy(ovlfuse_bin(), &bin).expect("copy binary");
+    let mnt = base.join("mnt");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    let log = base.join("log");
+    let chown = run_argv(
+        &[
+            "chown".as_ref(),
+            "-R".as_ref(),
+            "65534:65534".as_ref(),
+            s.path().as_os_str(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(chown.ok(), "chown: {}", chown.stderr);
+    let inner = format!(
+        "{bin} -f -o {opts} {m} 2>{log} &\n\
+         for i in $(seq 100); do grep -q ' {m} ' /proc/mounts && break; sleep 0.1; done\n\
+         timeout 20 cat {m}/f\n\
+         rm {m}/f && rm -r {m}/d && mkdir {m}/d && mv {m}/g {m}/h\n\
+         ls {m}\n\
+         umount {m}\n\
+         wait; echo daemon-exit=$?\n",
+        bin = bin.display(),
+        opts = l.mount_opts(),
+        m = mnt.display(),
+        log = log.display()
+    );
+    let device = base.join("fuse");
+    let outer = format!(
+        "set -eu\n\
+         mknod {dev} c 10 229 && chmod 666 {dev} && mount --bind {dev} /dev/fuse\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm sh -c '{inner}'\n",
+        dev = device.display(),
+        inner = inner.replace('\'', "'\\''")
+    );
+    let out = run_argv(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &outer,
+        ],
+        Duration::from_secs(60),
+    );
+    let daemon_log = fs::read_to_string(&log).unwrap_or_default();
+    assert_no_daemon_left(&mnt);
+    assert!(out.ok(), "{}{}\nlog: {daemon_log}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["hi", "d", "h", "daemon-exit=0"],
+        "log: {daemon_log}"
+    );
+    assert_eq!(
+        daemon_log.matches("cannot set trusted.* xattrs").count(),
+        1,
+        "the fallback is announced once: {daemon_log}"
+    );
+    let upper = l.upper.clone().expect("upper");
+    assert_eq!(
+        get_xattr(&upper.join("d"), "user.overlay.opaque").ok(),
+        Some(b"y".to_vec())
+    );
+    let f = fs::symlink_metadata(upper.join("f")).ok();
+    let deleted = f.is_some_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_char_device() && m.rdev() == 0
+    }) || upper.join(".wh.f").exists();
+    assert!(deleted, "f is not whited out in the upper layer");
+}

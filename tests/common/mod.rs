@@ -10,6 +10,7 @@
 //! tests themselves.
 #![allow(dead_code)]
 
+pub mod faultrig;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr, OsString};
