@@ -197,16 +197,42 @@ fn unescape_mountinfo(field: &[u8]) -> OsString {
 /// namespace's owning user namespace). The kernel queues FUSE_INIT on the device
 /// immediately; whoever reads the device next (relay or fuser) must answer it.
 pub fn mount(spec: &MountSpec) -> Result<FuseMount, String> {
+    check_mountpoint(&spec.mountpoint)?;
+    match mount_directly(spec) {
+        Err(Refused::NotPermitted(why)) => {
+            log::info!("{why}; mounting through fusermount3");
+            mount_with_fusermount(spec).map_err(|e| format!("{why}; and through fusermount3: {e}"))
+        }
+        Err(Refused::Failed(msg)) => Err(msg),
+        Ok(m) => Ok(m),
+    }
+}
+
+/// Why a direct mount(2) did not happen.
+enum Refused {
+    /// This process may not mount (EPERM) or open /dev/fuse (EACCES): an unprivileged
+    /// user, for whom the setuid fusermount3 mounts instead.
+    NotPermitted(String),
+    Failed(String),
+}
+
+fn mount_directly(spec: &MountSpec) -> Result<FuseMount, Refused> {
     let target = &spec.mountpoint;
     let shown = target.display();
-    check_mountpoint(target)?;
 
-    let c_target = cstring(target.as_os_str(), "mountpoint", target)?;
-    let c_source = cstring(OsStr::new(&spec.fsname), "fsname", target)?;
+    let failed = Refused::Failed;
+    let c_target = cstring(target.as_os_str(), "mountpoint", target).map_err(failed)?;
+    let c_source = cstring(OsStr::new(&spec.fsname), "fsname", target).map_err(failed)?;
     let fstype = format!("fuse.{}", spec.subtype);
-    let c_fstype = cstring(OsStr::new(&fstype), "subtype", target)?;
+    let c_fstype = cstring(OsStr::new(&fstype), "subtype", target).map_err(failed)?;
 
-    let device = open_fuse_device()?;
+    let device = open_fuse_device().map_err(|(errno, msg)| {
+        if errno == libc::EACCES {
+            Refused::NotPermitted(msg)
+        } else {
+            Refused::Failed(msg)
+        }
+    })?;
 
     // The kernel parses these options itself (fs/fuse/inode.c). `rootmode` is the
     // S_IFMT|perm of the root inode before the first GETATTR (octal 40000 =
@@ -223,7 +249,7 @@ pub fn mount(spec: &MountSpec) -> Result<FuseMount, String> {
     if spec.default_permissions {
         data.push_str(",default_permissions");
     }
-    let c_data = cstring(OsStr::new(&data), "mount options", target)?;
+    let c_data = cstring(OsStr::new(&data), "mount options", target).map_err(failed)?;
 
     let mut flags = spec.ms_flags;
     if spec.read_only {
@@ -243,16 +269,14 @@ pub fn mount(spec: &MountSpec) -> Result<FuseMount, String> {
     if rc != 0 {
         let err = io::Error::last_os_error();
         return Err(match err.raw_os_error() {
-            Some(libc::EPERM) => format!(
-                "cannot mount {fstype} at {shown}: {err}; a privileged mount is needed \
-                 (run as root or with CAP_SYS_ADMIN; rootless mounts through fusermount3 \
-                 are not supported yet)"
-            ),
-            // mount(2) says ENODEV when the filesystem type is not registered.
-            Some(libc::ENODEV) => {
-                format!("cannot mount {fstype} at {shown}: {err} (is the fuse module loaded?)")
+            Some(libc::EPERM) => {
+                Refused::NotPermitted(format!("cannot mount {fstype} at {shown}: {err}"))
             }
-            _ => format!("cannot mount {fstype} at {shown}: {err}"),
+            // mount(2) says ENODEV when the filesystem type is not registered.
+            Some(libc::ENODEV) => Refused::Failed(format!(
+                "cannot mount {fstype} at {shown}: {err} (is the fuse module loaded?)"
+            )),
+            _ => Refused::Failed(format!("cannot mount {fstype} at {shown}: {err}")),
         });
     }
     log::debug!("mounted {fstype} ({}) at {shown}", spec.fsname);
@@ -262,18 +286,20 @@ pub fn mount(spec: &MountSpec) -> Result<FuseMount, String> {
     })
 }
 
-fn open_fuse_device() -> Result<OwnedFd, String> {
+fn open_fuse_device() -> Result<OwnedFd, (i32, String)> {
     // O_CLOEXEC: a child we spawn must not keep the connection alive (an open
     // device fd keeps the kernel from aborting it when we exit).
     // SAFETY: the path is a valid NUL-terminated string.
     let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if fd < 0 {
         let err = io::Error::last_os_error();
-        return Err(match err.raw_os_error() {
-            Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
-                format!("cannot open /dev/fuse: {err} (is the fuse module loaded?)")
-            }
-            _ => format!("cannot open /dev/fuse: {err}"),
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        return Err(match errno {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => (
+                errno,
+                format!("cannot open /dev/fuse: {err} (is the fuse module loaded?)"),
+            ),
+            _ => (errno, format!("cannot open /dev/fuse: {err}")),
         });
     }
     // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
@@ -309,6 +335,10 @@ pub fn unmount(path: &Path) -> io::Result<()> {
         return Ok(());
     }
     let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // An unprivileged daemon's mount was made by fusermount3; it unmounts it too.
+        return unmount_with_fusermount(path);
+    }
     if err.raw_os_error() != Some(libc::EBUSY) {
         return Err(annotate(err, path));
     }
@@ -545,5 +575,140 @@ pub(crate) mod tests {
             .expect("fuser session did not end after unmount");
         result.unwrap();
         assert_eq!(check_mountpoint(&dir.0), Ok(()));
+    }
+}
+
+/// The setuid helper that mounts and unmounts FUSE for unprivileged users.
+fn fusermount_program() -> &'static str {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+            .unwrap_or(false)
+    };
+    if on_path("fusermount3") || !on_path("fusermount") {
+        "fusermount3"
+    } else {
+        "fusermount"
+    }
+}
+
+/// Mounts through fusermount3, which opens /dev/fuse and mounts as root, then hands the
+/// device descriptor back over a socket (`_FUSE_COMMFD`, SCM_RIGHTS) — the protocol libfuse
+/// uses. fusermount3 adds nosuid,nodev for users itself.
+fn mount_with_fusermount(spec: &MountSpec) -> Result<FuseMount, String> {
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
+    let mut options = vec![
+        if spec.read_only { "ro" } else { "rw" }.to_string(),
+        format!("fsname={}", spec.fsname.replace(',', "_")),
+        format!("subtype={}", spec.subtype),
+    ];
+    if spec.default_permissions {
+        options.push("default_permissions".into());
+    }
+    if spec.allow_other {
+        options.push("allow_other".into());
+    }
+    for (bit, word) in [
+        (libc::MS_NOEXEC, "noexec"),
+        (libc::MS_NOATIME, "noatime"),
+        (libc::MS_NODIRATIME, "nodiratime"),
+        (libc::MS_SYNCHRONOUS, "sync"),
+        (libc::MS_DIRSYNC, "dirsync"),
+    ] {
+        if spec.ms_flags & bit as u64 != 0 {
+            options.push(word.into());
+        }
+    }
+    let program = fusermount_program();
+    let their_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut command = std::process::Command::new(program);
+    command
+        .arg("-o")
+        .arg(options.join(","))
+        .arg("--")
+        .arg(&spec.mountpoint)
+        .env("_FUSE_COMMFD", their_fd.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only fcntl between fork and exec: the socket end must survive the exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    drop(theirs);
+    if !output.status.success() {
+        return Err(format!(
+            "{program} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let device = receive_fd(&ours).map_err(|e| format!("{program} sent no descriptor: {e}"))?;
+    log::debug!("mounted through {program} at {}", spec.mountpoint.display());
+    Ok(FuseMount {
+        device,
+        mountpoint: spec.mountpoint.clone(),
+    })
+}
+
+/// Receives one descriptor passed with SCM_RIGHTS.
+fn receive_fd(socket: &std::os::unix::net::UnixStream) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one int, aligned like cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: zeroed msghdr, then every pointer set to a live buffer of the stated size.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: valid socket and message buffers.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CMSG_* walk the control buffer recvmsg filled in.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                return Ok(OwnedFd::from_raw_fd(fd));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EPROTO))
+}
+
+fn unmount_with_fusermount(path: &Path) -> io::Result<()> {
+    let program = fusermount_program();
+    let status = std::process::Command::new(program)
+        .args(["-u", "-z", "--"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "cannot unmount {}: {program} -u failed ({status})",
+            path.display()
+        )))
     }
 }

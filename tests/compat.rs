@@ -490,3 +490,80 @@ fn rootless_mount_in_a_user_namespace_falls_back_to_user_xattrs() {
     }) || upper.join(".wh.f").exists();
     assert!(deleted, "f is not whited out in the upper layer");
 }
+
+/// An unprivileged user outside any user namespace: mount(2) is refused, so the daemon
+/// mounts through the setuid fusermount3 (descriptor passed back over a socket), and
+/// `fusermount3 -u` ends it. (fusermount3 opens /dev/fuse as the user; the test makes a
+/// 0666 /dev/fuse inside its own private mount namespace, where the mount also lives.)
+#[test]
+fn unprivileged_user_mounts_through_fusermount3() {
+    let s = Scratch::new();
+    let l = s.layers(1, true);
+    l.lower(0)
+        .write_file("f", b"hi\n", 0o644)
+        .write_file("d/x", b"x\n", 0o644);
+    let base = s.mkdir("user");
+    let bin = base.join("ovlfuse");
+    fs::copy(ovlfuse_bin(), &bin).expect("copy binary");
+    let mnt = base.join("mnt");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    let chown = run_argv(
+        &[
+            "chown".as_ref(),
+            "-R".as_ref(),
+            "65534:65534".as_ref(),
+            s.path().as_os_str(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(chown.ok(), "chown: {}", chown.stderr);
+    let inner = format!(
+        "cd /\n\
+         {bin} -o {opts} {m}; echo mount-exit=$?\n\
+         grep ' {m} ' /proc/mounts | cut -d' ' -f3\n\
+         timeout 20 cat {m}/f\n\
+         rm {m}/f && rm -r {m}/d && mkdir {m}/d\n\
+         ls {m}\n\
+         fusermount3 -u {m}\n\
+         for i in $(seq 100); do pgrep -f '^{bin} ' >/dev/null || {{ echo daemon-gone; exit 0; }}; sleep 0.1; done\n\
+         echo daemon-still-running\n",
+        bin = bin.display(),
+        opts = l.mount_opts(),
+        m = mnt.display(),
+    );
+    let device = base.join("fuse");
+    let outer = format!(
+        "set -eu\n\
+         mknod {dev} c 10 229 && chmod 666 {dev} && mount --bind {dev} /dev/fuse\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '{inner}'\n",
+        dev = device.display(),
+        inner = inner.replace('\'', "'\\''")
+    );
+    let out = run_argv(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &outer,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_no_daemon_left(&mnt);
+    assert!(out.ok(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["mount-exit=0", "fuse.ovlfuse", "hi", "d", "daemon-gone"],
+        "stderr: {}",
+        out.stderr
+    );
+    let upper = l.upper.clone().expect("upper");
+    assert_eq!(
+        get_xattr(&upper.join("d"), "user.overlay.opaque").ok(),
+        Some(b"y".to_vec()),
+        "unprivileged: opaque recorded in user.overlay.*"
+    );
+}
