@@ -619,7 +619,7 @@ fn mount_with_fusermount(spec: &MountSpec) -> Result<FuseMount, String> {
         (libc::MS_SYNCHRONOUS, "sync"),
         (libc::MS_DIRSYNC, "dirsync"),
     ] {
-        if spec.ms_flags & bit as u64 != 0 {
+        if spec.ms_flags & bit != 0 {
             options.push(word.into());
         }
     }
