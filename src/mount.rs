@@ -357,6 +357,141 @@ fn annotate(err: io::Error, path: &Path) -> io::Error {
     )
 }
 
+/// The setuid helper that mounts and unmounts FUSE for unprivileged users.
+fn fusermount_program() -> &'static str {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+            .unwrap_or(false)
+    };
+    if on_path("fusermount3") || !on_path("fusermount") {
+        "fusermount3"
+    } else {
+        "fusermount"
+    }
+}
+
+/// Mounts through fusermount3, which opens /dev/fuse and mounts as root, then hands the
+/// device descriptor back over a socket (`_FUSE_COMMFD`, SCM_RIGHTS) — the protocol libfuse
+/// uses. fusermount3 adds nosuid,nodev for users itself.
+fn mount_with_fusermount(spec: &MountSpec) -> Result<FuseMount, String> {
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
+    let mut options = vec![
+        if spec.read_only { "ro" } else { "rw" }.to_string(),
+        format!("fsname={}", spec.fsname.replace(',', "_")),
+        format!("subtype={}", spec.subtype),
+    ];
+    if spec.default_permissions {
+        options.push("default_permissions".into());
+    }
+    if spec.allow_other {
+        options.push("allow_other".into());
+    }
+    for (bit, word) in [
+        (libc::MS_NOEXEC, "noexec"),
+        (libc::MS_NOATIME, "noatime"),
+        (libc::MS_NODIRATIME, "nodiratime"),
+        (libc::MS_SYNCHRONOUS, "sync"),
+        (libc::MS_DIRSYNC, "dirsync"),
+    ] {
+        if spec.ms_flags & bit != 0 {
+            options.push(word.into());
+        }
+    }
+    let program = fusermount_program();
+    let their_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut command = std::process::Command::new(program);
+    command
+        .arg("-o")
+        .arg(options.join(","))
+        .arg("--")
+        .arg(&spec.mountpoint)
+        .env("_FUSE_COMMFD", their_fd.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only fcntl between fork and exec: the socket end must survive the exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    drop(theirs);
+    if !output.status.success() {
+        return Err(format!(
+            "{program} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let device = receive_fd(&ours).map_err(|e| format!("{program} sent no descriptor: {e}"))?;
+    log::debug!("mounted through {program} at {}", spec.mountpoint.display());
+    Ok(FuseMount {
+        device,
+        mountpoint: spec.mountpoint.clone(),
+    })
+}
+
+/// Receives one descriptor passed with SCM_RIGHTS.
+fn receive_fd(socket: &std::os::unix::net::UnixStream) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one int, aligned like cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: zeroed msghdr, then every pointer set to a live buffer of the stated size.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: valid socket and message buffers.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CMSG_* walk the control buffer recvmsg filled in.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                return Ok(OwnedFd::from_raw_fd(fd));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EPROTO))
+}
+
+fn unmount_with_fusermount(path: &Path) -> io::Result<()> {
+    let program = fusermount_program();
+    let status = std::process::Command::new(program)
+        .args(["-u", "-z", "--"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "cannot unmount {}: {program} -u failed ({status})",
+            path.display()
+        )))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -575,140 +710,5 @@ pub(crate) mod tests {
             .expect("fuser session did not end after unmount");
         result.unwrap();
         assert_eq!(check_mountpoint(&dir.0), Ok(()));
-    }
-}
-
-/// The setuid helper that mounts and unmounts FUSE for unprivileged users.
-fn fusermount_program() -> &'static str {
-    let on_path = |name: &str| {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-            .unwrap_or(false)
-    };
-    if on_path("fusermount3") || !on_path("fusermount") {
-        "fusermount3"
-    } else {
-        "fusermount"
-    }
-}
-
-/// Mounts through fusermount3, which opens /dev/fuse and mounts as root, then hands the
-/// device descriptor back over a socket (`_FUSE_COMMFD`, SCM_RIGHTS) — the protocol libfuse
-/// uses. fusermount3 adds nosuid,nodev for users itself.
-fn mount_with_fusermount(spec: &MountSpec) -> Result<FuseMount, String> {
-    use std::os::unix::net::UnixStream;
-    use std::os::unix::process::CommandExt;
-
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| format!("cannot create a socket pair: {e}"))?;
-    let mut options = vec![
-        if spec.read_only { "ro" } else { "rw" }.to_string(),
-        format!("fsname={}", spec.fsname.replace(',', "_")),
-        format!("subtype={}", spec.subtype),
-    ];
-    if spec.default_permissions {
-        options.push("default_permissions".into());
-    }
-    if spec.allow_other {
-        options.push("allow_other".into());
-    }
-    for (bit, word) in [
-        (libc::MS_NOEXEC, "noexec"),
-        (libc::MS_NOATIME, "noatime"),
-        (libc::MS_NODIRATIME, "nodiratime"),
-        (libc::MS_SYNCHRONOUS, "sync"),
-        (libc::MS_DIRSYNC, "dirsync"),
-    ] {
-        if spec.ms_flags & bit != 0 {
-            options.push(word.into());
-        }
-    }
-    let program = fusermount_program();
-    let their_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-    let mut command = std::process::Command::new(program);
-    command
-        .arg("-o")
-        .arg(options.join(","))
-        .arg("--")
-        .arg(&spec.mountpoint)
-        .env("_FUSE_COMMFD", their_fd.to_string())
-        .stdin(std::process::Stdio::null());
-    // SAFETY: only fcntl between fork and exec: the socket end must survive the exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let output = command
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    drop(theirs);
-    if !output.status.success() {
-        return Err(format!(
-            "{program} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let device = receive_fd(&ours).map_err(|e| format!("{program} sent no descriptor: {e}"))?;
-    log::debug!("mounted through {program} at {}", spec.mountpoint.display());
-    Ok(FuseMount {
-        device,
-        mountpoint: spec.mountpoint.clone(),
-    })
-}
-
-/// Receives one descriptor passed with SCM_RIGHTS.
-fn receive_fd(socket: &std::os::unix::net::UnixStream) -> io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // Room for one control message carrying one int, aligned like cmsghdr.
-    let mut control = [0u64; 8];
-    // SAFETY: zeroed msghdr, then every pointer set to a live buffer of the stated size.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: valid socket and message buffers.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: CMSG_* walk the control buffer recvmsg filled in.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                return Ok(OwnedFd::from_raw_fd(fd));
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EPROTO))
-}
-
-fn unmount_with_fusermount(path: &Path) -> io::Result<()> {
-    let program = fusermount_program();
-    let status = std::process::Command::new(program)
-        .args(["-u", "-z", "--"])
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "cannot unmount {}: {program} -u failed ({status})",
-            path.display()
-        )))
     }
 }
