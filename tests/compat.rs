@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -13,6 +14,23 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// Runs mount-helpers/install.sh into `prefix` (binary in prefix/bin, helper in
+/// prefix/sbin) with `extra` arguments.
+fn run_installer(prefix: &Path, extra: &[&str]) -> CmdOut {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/install.sh");
+    let mut argv: Vec<OsString> = vec![
+        script.into(),
+        "--prefix".into(),
+        prefix.into(),
+        "--sbindir".into(),
+        prefix.join("sbin").into(),
+        "--binary".into(),
+        ovlfuse_bin().into(),
+    ];
+    argv.extend(extra.iter().map(OsString::from));
+    run_argv(&argv, Duration::from_secs(30))
+}
 
 fn helper_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/mount.fuse.ovlfuse")
@@ -139,6 +157,34 @@ fn in_private_namespace(s: &Scratch, script: &str, helper: Option<&Path>) -> Cmd
     )
 }
 
+/// Runs the shell script `inner` as uid/gid 65534 (through `wrapper`, e.g. `unshare -Urm`)
+/// in a private mount namespace whose /dev/fuse is usable by anyone (a device node made in
+/// `base`): this machine kind's /dev/fuse is 0600, the host's stays untouched.
+fn as_nobody(base: &Path, wrapper: &[&str], inner: &str) -> CmdOut {
+    let device = base.join("fuse");
+    let outer = format!(
+        "set -eu\n\
+         mknod {dev} c 10 229 && chmod 666 {dev} && mount --bind {dev} /dev/fuse\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups {wrapper} sh -c '{inner}'\n",
+        dev = device.display(),
+        wrapper = wrapper.join(" "),
+        inner = inner.replace('\'', "'\\''")
+    );
+    run_argv(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &outer,
+        ],
+        Duration::from_secs(60),
+    )
+}
+
 fn assert_no_daemon_left(mnt: &Path) {
     let left = find_daemons("ovlfuse".as_ref(), mnt);
     for pid in &left {
@@ -185,19 +231,7 @@ fn fstab_line_mounts_through_the_installed_helper() {
     let l = layers_with_owners(&s);
     let mnt = s.mkdir("mnt");
     let prefix = s.mkdir("prefix");
-    let script_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/install.sh");
-    let install = run_argv(
-        &[
-            script_path.as_os_str(),
-            "--prefix".as_ref(),
-            prefix.as_os_str(),
-            "--sbindir".as_ref(),
-            prefix.join("sbin").as_os_str(),
-            "--binary".as_ref(),
-            ovlfuse_bin().as_os_str(),
-        ],
-        Duration::from_secs(30),
-    );
+    let install = run_installer(&prefix, &[]);
     assert!(install.ok(), "install: {}", install.stderr);
     let fstab = s.path().join("fstab");
     fs::write(
@@ -255,20 +289,7 @@ fn install_script_installs_and_uninstalls_into_a_prefix() {
     let s = Scratch::new();
     let prefix = s.mkdir("prefix");
     let sbin = prefix.join("sbin");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/install.sh");
-    let bin = ovlfuse_bin();
-    let install = run_argv(
-        &[
-            script.as_os_str(),
-            "--prefix".as_ref(),
-            prefix.as_os_str(),
-            "--sbindir".as_ref(),
-            sbin.as_os_str(),
-            "--binary".as_ref(),
-            bin.as_os_str(),
-        ],
-        Duration::from_secs(30),
-    );
+    let install = run_installer(&prefix, &[]);
     assert!(
         install.ok(),
         "install: {}{}",
@@ -292,17 +313,7 @@ fn install_script_installs_and_uninstalls_into_a_prefix() {
         c
     });
     drop(m);
-    let uninstall = run_argv(
-        &[
-            script.as_os_str(),
-            "--prefix".as_ref(),
-            prefix.as_os_str(),
-            "--sbindir".as_ref(),
-            sbin.as_os_str(),
-            "--uninstall".as_ref(),
-        ],
-        Duration::from_secs(30),
-    );
+    let uninstall = run_installer(&prefix, &["--uninstall"]);
     assert!(uninstall.ok(), "uninstall: {}", uninstall.stderr);
     assert!(!installed.exists() && !helper.exists());
 }
@@ -444,27 +455,7 @@ fn rootless_mount_in_a_user_namespace_falls_back_to_user_xattrs() {
         m = mnt.display(),
         log = log.display()
     );
-    let device = base.join("fuse");
-    let outer = format!(
-        "set -eu\n\
-         mknod {dev} c 10 229 && chmod 666 {dev} && mount --bind {dev} /dev/fuse\n\
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm sh -c '{inner}'\n",
-        dev = device.display(),
-        inner = inner.replace('\'', "'\\''")
-    );
-    let out = run_argv(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &outer,
-        ],
-        Duration::from_secs(60),
-    );
+    let out = as_nobody(&base, &["unshare", "-Urm"], &inner);
     let daemon_log = fs::read_to_string(&log).unwrap_or_default();
     assert_no_daemon_left(&mnt);
     assert!(out.ok(), "{}{}\nlog: {daemon_log}", out.stdout, out.stderr);
@@ -531,27 +522,7 @@ fn unprivileged_user_mounts_through_fusermount3() {
         opts = l.mount_opts(),
         m = mnt.display(),
     );
-    let device = base.join("fuse");
-    let outer = format!(
-        "set -eu\n\
-         mknod {dev} c 10 229 && chmod 666 {dev} && mount --bind {dev} /dev/fuse\n\
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '{inner}'\n",
-        dev = device.display(),
-        inner = inner.replace('\'', "'\\''")
-    );
-    let out = run_argv(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &outer,
-        ],
-        Duration::from_secs(60),
-    );
+    let out = as_nobody(&base, &[], &inner);
     assert_no_daemon_left(&mnt);
     assert!(out.ok(), "{}{}", out.stdout, out.stderr);
     assert_eq!(

@@ -818,29 +818,34 @@ impl Layer {
     }
 }
 
+/// `cp -a from to`: keeps xattrs incl. trusted.*, device nodes, hard links and holes.
+pub fn cp_a(from: &Path, to: &Path) {
+    let r = run_argv(
+        &[
+            OsStr::new("cp"),
+            OsStr::new("-a"),
+            from.as_os_str(),
+            to.as_os_str(),
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(
+        r.ok(),
+        "cp -a {} {} failed: {}{}",
+        from.display(),
+        to.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
 /// An identical copy of every layer (`cp -a`: keeps xattrs incl. trusted.*,
 /// device nodes, hard links, sparseness) in `dest/`; a fresh empty work dir.
 pub fn copy_layers(src: &Layers, dest: &Path) -> Layers {
     fs::create_dir_all(dest).unwrap();
     let cp = |from: &Path, name: &str| -> PathBuf {
         let to = dest.join(name);
-        let r = run_argv(
-            &[
-                OsStr::new("cp"),
-                OsStr::new("-a"),
-                from.as_os_str(),
-                to.as_os_str(),
-            ],
-            Duration::from_secs(300),
-        );
-        assert!(
-            r.ok(),
-            "cp -a {} {} failed: {}{}",
-            from.display(),
-            to.display(),
-            r.stdout,
-            r.stderr
-        );
+        cp_a(from, &to);
         to
     };
     let lowers = src
@@ -2183,22 +2188,7 @@ pub fn run_differential(sc: &Scenario) {
 pub fn layers_with_upper_copy(lowers: &[PathBuf], upper: &Path, dest: &Path) -> Layers {
     fs::create_dir_all(dest).unwrap();
     let to = dest.join("upper");
-    let r = run_argv(
-        &[
-            OsStr::new("cp"),
-            OsStr::new("-a"),
-            upper.as_os_str(),
-            to.as_os_str(),
-        ],
-        Duration::from_secs(300),
-    );
-    assert!(
-        r.ok(),
-        "cp -a {} failed: {}{}",
-        upper.display(),
-        r.stdout,
-        r.stderr
-    );
+    cp_a(upper, &to);
     let work = dest.join("work");
     fs::create_dir_all(&work).unwrap();
     Layers {
