@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use crate::fs::{FsSettings, OverlayFs};
@@ -149,6 +149,12 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
         },
     };
     let owns_mount = premounted_fd_number(&config.mountpoint).is_none();
+    // A handle on the upper root, kept to flush the upper filesystem after the session ends.
+    let upper_root = if config.syncs_to_disk() {
+        fs.upper_root()
+    } else {
+        None
+    };
     let threads = worker_threads(&config);
     let mut session_config = fuser::Config::default();
     session_config.n_threads = Some(threads);
@@ -184,14 +190,40 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     }
     spawn_signal_watcher(signals, owns_mount.then(|| config.mountpoint.clone()));
     let result = session.run();
+    let flushed = flush_upper_at_exit(upper_root.as_ref());
     match result {
-        Ok(()) => {
+        Ok(()) if flushed => {
             log::info!("unmounted {}", config.mountpoint.display());
             0
         }
+        Ok(()) => EXIT_MOUNT_FAILED,
         Err(e) => {
             log::error!("session ended with an error: {e}");
             EXIT_MOUNT_FAILED
+        }
+    }
+}
+
+/// Unmounting must not drop the last chance to hear that data written through the union
+/// never reached the disk: the daemon syncs the upper filesystem before it exits, and a
+/// failure is logged and turns into a non-zero exit. (Skipped with volatile/fsync=0, whose
+/// point is to never flush.)
+fn flush_upper_at_exit(upper_root: Option<&OwnedFd>) -> bool {
+    let Some(root) = upper_root else {
+        return true;
+    };
+    let result =
+        crate::sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).and_then(|dir| {
+            // SAFETY: valid descriptor.
+            crate::sys::check(unsafe { libc::syncfs(dir.as_raw_fd()) })
+        });
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!(
+                "flushing the upper layer at unmount failed: {e}; data written through the union may be lost"
+            );
+            false
         }
     }
 }

@@ -119,6 +119,15 @@ impl OverlayFs {
         })
     }
 
+    /// A handle on the upper layer's root, if there is an upper layer.
+    pub fn upper_root(&self) -> Option<OwnedFd> {
+        let stack = &self.union.stack;
+        if !stack.has_upper() {
+            return None;
+        }
+        stack.layers[0].root.try_clone().ok()
+    }
+
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
         self.union.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }

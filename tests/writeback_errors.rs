@@ -688,3 +688,61 @@ fn rig_teardown_leaves_nothing() {
     assert!(!attached(), "{} still attached", dev.display());
     assert!(!base.exists(), "{} not removed", base.display());
 }
+
+// ---------------------------------------------------------------------------
+// unmount flushes the upper layer and reports a failure
+// ---------------------------------------------------------------------------
+
+/// Writes new data through a foreground ovlfuse whose upper is on the rig, then unmounts
+/// (with the rig failing new blocks if `fail`) and returns the daemon's exit code.
+fn unmount_exit_code(rig: &FaultyExt4, fail: bool) -> Option<i32> {
+    let scratch = Scratch::new();
+    let lower = scratch.mkdir("lower");
+    let (upper, work) = (rig.p("upper"), rig.p("work"));
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&work).unwrap();
+    let layers = Layers {
+        lowers: vec![lower],
+        upper: Some(upper.clone()),
+        work: Some(work),
+    };
+    let mut m = mount_ovlfuse_foreground(&layers, "");
+    let target = m.p("written-then-unmounted");
+    with_timeout(20, move || {
+        fs::write(&target, noise(NEW_DATA, 21)).expect("write through the union")
+    });
+    let real = File::open(upper.join("written-then-unmounted")).unwrap();
+    let dirty = cachestat(&real).expect("cachestat").nr_dirty;
+    assert!(dirty > 0, "the data is not dirty in the upper page cache");
+    if fail {
+        rig.fail_new_writes();
+    }
+    let out = run_argv(
+        &["umount".as_ref(), m.path().as_os_str()],
+        Duration::from_secs(20),
+    );
+    assert!(out.ok(), "umount: {}", out.stderr);
+    let code = m.wait_foreground(Duration::from_secs(30));
+    if fail {
+        rig.heal();
+    }
+    drop(real);
+    m.unmount();
+    code
+}
+
+#[test]
+fn ovlfuse_unmount_reports_a_failed_upper_flush_in_its_exit_code() {
+    let code = with_rig(BODY_SECS, |rig| unmount_exit_code(rig, true));
+    assert_eq!(
+        code,
+        Some(1),
+        "the lost data must make the daemon exit non-zero"
+    );
+}
+
+#[test]
+fn ovlfuse_unmount_exits_zero_when_the_upper_flush_succeeds() {
+    let code = with_rig(BODY_SECS, |rig| unmount_exit_code(rig, false));
+    assert_eq!(code, Some(0));
+}
