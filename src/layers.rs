@@ -36,12 +36,34 @@ pub struct LayerStack {
     /// rename into the upper layer.
     pub work: Option<OwnedFd>,
     pub xattr_prefix: &'static str,
+    /// The union's own attribute names under that prefix, built once: lookup reads them on
+    /// every directory it finds in every layer.
+    pub private: PrivateNames,
     /// Whether directory redirects found in layers are followed (all `redirect_dir=`
     /// settings but `nofollow`, as on the kernel overlay).
     pub follow_redirects: bool,
     /// Whether renaming a directory that lower layers take part in writes a redirect
     /// (`redirect_dir=on`) instead of failing with EXDEV.
     pub write_redirects: bool,
+}
+
+/// `<prefix>opaque` and `<prefix>redirect`.
+#[derive(Debug)]
+pub struct PrivateNames {
+    pub opaque: std::ffi::CString,
+    pub redirect: std::ffi::CString,
+}
+
+impl PrivateNames {
+    fn new(prefix: &str) -> PrivateNames {
+        // The prefixes are fixed ASCII: no NUL can occur.
+        let name =
+            |attr: &str| std::ffi::CString::new(format!("{prefix}{attr}")).unwrap_or_default();
+        PrivateNames {
+            opaque: name("opaque"),
+            redirect: name("redirect"),
+        }
+    }
 }
 
 /// Index of a layer in [`LayerStack::layers`].
@@ -89,6 +111,7 @@ impl LayerStack {
         Ok(LayerStack {
             layers,
             work,
+            private: PrivateNames::new(xattr_prefix),
             xattr_prefix,
             follow_redirects: config.redirect_dir != RedirectDir::NoFollow,
             write_redirects: config.redirect_dir == RedirectDir::On,

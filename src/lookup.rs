@@ -92,9 +92,7 @@ fn not_there(e: &io::Error) -> bool {
 /// The redirect of a directory, if it has a valid one; a malformed value is an error (EIO),
 /// never a path to follow.
 fn redirect_of(stack: &LayerStack, dir: &OwnedFd) -> io::Result<Option<Target>> {
-    let name = CString::new(format!("{}redirect", stack.xattr_prefix))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let Some(value) = sys::get_xattr(dir.as_fd(), &name)? else {
+    let Some(value) = sys::get_xattr(dir.as_fd(), &stack.private.redirect)? else {
         return Ok(None);
     };
     let bad = || {
@@ -176,7 +174,7 @@ pub fn resolve(
                     fd: fd.clone(),
                 }),
             }
-            if whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)? {
+            if whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)? {
                 break;
             }
             if stack.follow_redirects

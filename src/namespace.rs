@@ -587,14 +587,7 @@ impl Union {
 
     fn set_opaque(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         let fd = sys::open_path_at(dir, name)?;
-        self.set_private(fd.as_fd(), "opaque", b"y")
-    }
-
-    /// Sets one of the union's own attributes (`<prefix><attr>`) on an upper object.
-    fn set_private(&self, fd: BorrowedFd<'_>, attr: &str, value: &[u8]) -> io::Result<()> {
-        let attr = CString::new(format!("{}{attr}", self.stack.xattr_prefix))
-            .map_err(|_| err(libc::EINVAL))?;
-        sys::set_xattr(fd, &attr, value, 0)
+        sys::set_xattr(fd.as_fd(), &self.stack.private.opaque, b"y", 0)
     }
 
     /// The redirect an upper directory already carries.
@@ -602,9 +595,7 @@ impl Union {
         if !self.is_upper(state) {
             return Ok(None);
         }
-        let attr = CString::new(format!("{}redirect", self.stack.xattr_prefix))
-            .map_err(|_| err(libc::EINVAL))?;
-        sys::get_xattr(state.fd.as_fd(), &attr)
+        sys::get_xattr(state.fd.as_fd(), &self.stack.private.redirect)
     }
 
     /// Records on the (copied-up) directory `node`, about to be renamed, where the lower
@@ -624,7 +615,7 @@ impl Union {
         } else {
             self.origin_path(node)?
         };
-        self.set_private(state.fd.as_fd(), "redirect", &value)
+        sys::set_xattr(state.fd.as_fd(), &self.stack.private.redirect, &value, 0)
     }
 
     /// The absolute path at which the lower layers keep directory `node`.
@@ -660,7 +651,7 @@ fn root_of(stack: &LayerStack) -> io::Result<Resolved> {
     let mut merged = Vec::new();
     for (i, layer) in stack.layers.iter().enumerate() {
         let fd = Arc::new(layer.root.try_clone()?);
-        let opaque = whiteout::is_opaque(fd.as_fd(), stack.xattr_prefix)?;
+        let opaque = whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)?;
         merged.push(LayerDir {
             layer: i as u16,
             fd,

@@ -5,7 +5,7 @@
 //! tools produce (`.wh.NAME` files, `.wh..wh..opq` in an opaque directory, and the AUFS
 //! private `.wh..wh.*` entries). Must never: show any of these markers to a user.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -15,7 +15,7 @@ use crate::sys;
 /// Prefix of an AUFS whiteout file: `.wh.NAME` hides NAME in the layers below.
 pub const AUFS_PREFIX: &[u8] = b".wh.";
 /// AUFS marker file that makes its directory opaque.
-pub const AUFS_OPAQUE: &[u8] = b".wh..wh..opq";
+pub const AUFS_OPAQUE: &CStr = c".wh..wh..opq";
 
 /// How a name found in a layer directory must be treated.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,16 +42,13 @@ pub fn is_whiteout(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 
-/// Whether `dir` (a handle on a directory in some layer) hides the layers below it.
-pub fn is_opaque(dir: BorrowedFd<'_>, xattr_prefix: &str) -> io::Result<bool> {
-    let name = CString::new(format!("{xattr_prefix}opaque"))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    if sys::get_xattr(dir, &name)?.is_some_and(|v| v == b"y") {
+/// Whether `dir` (a handle on a directory in some layer) hides the layers below it;
+/// `opaque_xattr` is the mount's `<prefix>opaque`.
+pub fn is_opaque(dir: BorrowedFd<'_>, opaque_xattr: &CStr) -> io::Result<bool> {
+    if sys::get_xattr(dir, opaque_xattr)?.is_some_and(|v| v == b"y") {
         return Ok(true);
     }
-    let marker =
-        CString::new(AUFS_OPAQUE).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    Ok(sys::stat_at(dir, &marker)?.is_some())
+    Ok(sys::stat_at(dir, AUFS_OPAQUE)?.is_some())
 }
 
 /// Whether `dir` holds an AUFS whiteout `.wh.NAME` for `name`.
