@@ -9,13 +9,17 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::canary::Canary;
 use crate::fs::{FsSettings, OverlayFs};
+use crate::health::{Health, Mode};
 use crate::layers::LayerStack;
 use crate::mount::{self, MountSpec};
 use crate::options::MountConfig;
+use crate::status::Transport;
 
 /// Exit code when the mount could not be made (usage errors exit 2, from `main`).
 pub const EXIT_MOUNT_FAILED: i32 = 1;
@@ -29,10 +33,6 @@ pub fn run(config: MountConfig) -> i32 {
     } else {
         init_syslog(config.debug);
     }
-    if let Err(msg) = refuse_unsupported(&config) {
-        eprintln!("ovlfuse: {msg}");
-        return EXIT_MOUNT_FAILED;
-    }
     // Everything that can be checked without mounting is checked here, in the process the
     // caller waits for, so the message reaches the caller's terminal.
     let prepared = LayerStack::open(&config)
@@ -42,12 +42,13 @@ pub fn run(config: MountConfig) -> i32 {
                 None => mount::check_mountpoint(&config.mountpoint)?,
             }
             clean_work(&stack, &config)?;
+            // The kernel's volatile rules, in its order: a volatile mount refuses an upper
+            // with an unseen writeback error, every mount a marked work dir; then a volatile
+            // mount marks it.
+            crate::volatile::apply_at_mount(&stack, &config)?;
             Ok(stack)
         })
-        .and_then(|stack| {
-            OverlayFs::new(stack, config.syncs_to_disk(), settings(&config))
-                .map_err(|e| format!("cannot read the layers' root directories: {e}"))
-        });
+        .and_then(|stack| build_fs(stack, &config));
     let fs = match prepared {
         Ok(fs) => fs,
         Err(msg) => {
@@ -94,16 +95,34 @@ fn clean_work(stack: &LayerStack, config: &MountConfig) -> Result<(), String> {
     }
 }
 
-fn refuse_unsupported(config: &MountConfig) -> Result<(), String> {
-    let not_yet = |what: &str| {
-        Err(format!(
-            "{what}: not implemented by this version of ovlfuse"
-        ))
+/// The filesystem with its health tracking. Creates no thread: the process may still fork.
+fn build_fs(stack: LayerStack, config: &MountConfig) -> Result<OverlayFs, String> {
+    let mode = if config.volatile {
+        Mode::Volatile
+    } else if !config.fsync {
+        Mode::NoSync
+    } else {
+        Mode::Durable
     };
-    if config.volatile {
-        return not_yet("volatile");
-    }
-    Ok(())
+    // The canary is reached by path through the mount; a mount the caller made (/dev/fd/N)
+    // has no path the daemon knows.
+    let canary = match premounted_fd_number(&config.mountpoint) {
+        Some(_) => None,
+        None => std::path::absolute(&config.mountpoint)
+            .ok()
+            .map(|mnt| Arc::new(Canary::new(mnt))),
+    };
+    let upper_root = stack.has_upper().then(|| &stack.layers[0].root);
+    let health = Health::new(mode, upper_root, canary.clone())
+        .map_err(|e| format!("upperdir: cannot open its root for error tracking: {e}"))?;
+    OverlayFs::new(
+        stack,
+        config.syncs_to_disk(),
+        settings(config),
+        health,
+        canary,
+    )
+    .map_err(|e| format!("cannot read the layers' root directories: {e}"))
 }
 
 fn settings(config: &MountConfig) -> FsSettings {
@@ -128,7 +147,7 @@ fn worker_threads(config: &MountConfig) -> usize {
 }
 
 /// Mounts, tells the waiting parent (if any) how it went, serves until unmounted.
-fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
+fn serve(config: MountConfig, mut fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     crate::sys::raise_nofile_limit();
     // New objects get exactly the mode the caller asked for (the kernel has already applied
     // the caller's umask); the daemon's own umask must not strip more.
@@ -138,49 +157,87 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(ready, format!("cannot set up signal handling: {e}")),
     };
+    let health = fs.health();
+    // Canonical now, before anything is mounted on it: `ovlfuse status MOUNTPOINT` finds the
+    // mount under this name without entering it.
+    let status_mountpoint = match premounted_fd_number(&config.mountpoint) {
+        Some(_) => config.mountpoint.clone(),
+        None => crate::status::canonical_mountpoint(&config.mountpoint),
+    };
     // The libfuse >= 3.3 convention (xfstests, some runtimes): a mountpoint of /dev/fd/N
     // means the caller already opened /dev/fuse as N and mounted it; serve that descriptor.
     let premounted = premounted_fd(&config.mountpoint);
-    let device = match premounted {
-        Some(fd) => fd,
-        None => match mount::mount(&mount_spec(&config)) {
-            Ok(m) => m.into_device(),
+    let (device, transport) = match premounted {
+        Some(fd) => (fd, Transport::Fuse),
+        None => match mount_union(&config) {
+            Ok(m) => m,
             Err(msg) => return fail(ready, msg),
         },
     };
+    health.set_syncfs_forwarded(transport == Transport::Fuseblk);
     let owns_mount = premounted_fd_number(&config.mountpoint).is_none();
-    // A handle on the upper root, kept to flush the upper filesystem after the session ends.
-    let upper_root = if config.syncs_to_disk() {
-        fs.upper_root()
-    } else {
-        None
+    let unmount_on_failure = || {
+        if owns_mount {
+            let _ = mount::unmount(&config.mountpoint);
+        }
     };
     let threads = worker_threads(&config);
     let mut session_config = fuser::Config::default();
     session_config.n_threads = Some(threads);
-    // One /dev/fuse descriptor per worker: the kernel then queues requests per thread
-    // instead of waking every worker for each one.
-    session_config.clone_fd = true;
     // fuser answers ENOSYS to every opcode it cannot parse (FUSE_TMPFILE, FUSE_STATX, ...),
     // which the kernel turns into EOPNOTSUPP or a GETATTR fallback, so a plain `fuse` mount
-    // needs no relay in front of fuser; `relay` is for the fuseblk mode, where FUSE_SYNCFS
-    // must be answered by us. Session::from_fd performs the INIT handshake: once it returns,
-    // the kernel has the mount's parameters and requests are being served.
-    let session = match fuser::Session::from_fd(fs, device, fuser::SessionACL::All, session_config)
+    // needs no relay in front of fuser. A fuseblk mount does: its FUSE_SYNCFS must get a
+    // real answer, which fuser cannot give.
+    let (channel, relay) = match transport {
+        Transport::Fuse => {
+            // One /dev/fuse descriptor per worker: the kernel then queues requests per
+            // thread instead of waking every worker for each one.
+            session_config.clone_fd = true;
+            (device, None)
+        }
+        Transport::Fuseblk => {
+            let hook = Arc::new(crate::health::RelayHook {
+                health: Arc::clone(&health),
+            });
+            match crate::relay::start(device, threads, hook) {
+                Ok((relay, fuser_end, max_write)) => {
+                    fs.limit_max_write(max_write);
+                    session_config.clone_fd = false;
+                    (fuser_end, Some(relay))
+                }
+                Err(e) => {
+                    unmount_on_failure();
+                    return fail(ready, format!("cannot start the FUSE relay: {e}"));
+                }
+            }
+        }
+    };
+    // Session::from_fd performs the INIT handshake: once it returns, the kernel has the
+    // mount's parameters and requests are being served.
+    let session = match fuser::Session::from_fd(fs, channel, fuser::SessionACL::All, session_config)
     {
         Ok(s) => s,
         Err(e) => {
-            if owns_mount {
-                let _ = mount::unmount(&config.mountpoint);
-            }
+            unmount_on_failure();
             return fail(ready, format!("FUSE handshake failed: {e}"));
         }
     };
+    if let Err(e) = health.start_checker() {
+        unmount_on_failure();
+        return fail(ready, format!("cannot start the health checker: {e}"));
+    }
+    let status = start_status(&config, &status_mountpoint, &health, transport);
     log::info!(
-        "mounted {} ({} layers, {} threads)",
+        "mounted {} as {} ({} layers, {} threads, {}; syncfs {})",
         config.mountpoint.display(),
+        transport.fstype(),
         config.lowerdirs.len() + usize::from(config.upperdir.is_some()),
-        threads
+        threads,
+        health.mode().name(),
+        match transport {
+            Transport::Fuseblk => "flushes the upper layer and reports its errors",
+            Transport::Fuse => "reports upper errors found by the periodic check",
+        }
     );
     for ignored in &config.ignored {
         log::info!("option {ignored}: accepted for compatibility, no effect");
@@ -190,9 +247,24 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     }
     spawn_signal_watcher(signals, owns_mount.then(|| config.mountpoint.clone()));
     let result = session.run();
-    let flushed = flush_upper_at_exit(upper_root.as_ref());
+    if let Some(relay) = relay {
+        relay.join();
+    }
+    // Normally done in destroy(), while a fuseblk umount waits; this returns that result.
+    let flushed = health.flush_at_unmount();
+    if let Some(status) = &status {
+        status.set_unmounted(flushed);
+    }
+    if let Some(poison) = health.poison() {
+        log::error!(
+            "unmounted {}: the mount was poisoned by a lost write ({})",
+            config.mountpoint.display(),
+            crate::health::errno_name(poison.errno)
+        );
+        return EXIT_MOUNT_FAILED;
+    }
     match result {
-        Ok(()) if flushed => {
+        Ok(()) if flushed.is_ok() => {
             log::info!("unmounted {}", config.mountpoint.display());
             0
         }
@@ -204,28 +276,75 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     }
 }
 
-/// Unmounting must not drop the last chance to hear that data written through the union
-/// never reached the disk: the daemon syncs the upper filesystem before it exits, and a
-/// failure is logged and turns into a non-zero exit. (Skipped with volatile/fsync=0, whose
-/// point is to never flush.)
-fn flush_upper_at_exit(upper_root: Option<&OwnedFd>) -> bool {
-    let Some(root) = upper_root else {
-        return true;
-    };
-    let result =
-        crate::sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).and_then(|dir| {
-            // SAFETY: valid descriptor.
-            crate::sys::check(unsafe { libc::syncfs(dir.as_raw_fd()) })
-        });
-    match result {
-        Ok(()) => true,
-        Err(e) => {
-            log::error!(
-                "flushing the upper layer at unmount failed: {e}; data written through the union may be lost"
-            );
-            false
-        }
+/// Publishes the status file container managers poll (`ovlfuse status`, see `status`) once
+/// the kernel can reach the union, and has the health tracker record a poison in it. Only a
+/// union with a workdir has one; if the workdir cannot be opened, that is logged and the
+/// mount goes on without. The returned handle is shared: `StatusFile::set_poisoned` is
+/// callable from any thread.
+fn start_status(
+    config: &MountConfig,
+    mountpoint: &std::path::Path,
+    health: &Arc<Health>,
+    transport: Transport,
+) -> Option<Arc<crate::status::StatusFile>> {
+    let workdir = config.workdir.as_deref()?;
+    let status =
+        match crate::status::StatusFile::create(workdir, mountpoint, health.mode(), transport) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                log::error!(
+                    "cannot open the workdir {} for the status file: {e}; `ovlfuse status` \
+                     will report this mount as not running",
+                    workdir.display()
+                );
+                return None;
+            }
+        };
+    status.set_ok();
+    let hook = Arc::clone(&status);
+    health.on_poison(Box::new(move |errno| hook.set_poisoned(errno)));
+    // A poison found before the hook was in place (the checker is already running).
+    if let Some(errno) = health.poisoned() {
+        status.set_poisoned(errno);
     }
+    Some(status)
+}
+
+/// Mounts the union: as fuseblk when privileged (and not refused with `-o nofuseblk`), so
+/// syncfs(2) is durable; else, or when that fails, as plain fuse, saying why.
+fn mount_union(config: &MountConfig) -> Result<(OwnedFd, Transport), String> {
+    let mut spec = mount_spec(config);
+    // SAFETY: geteuid cannot fail.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let wanted = config.upperdir.is_some() && !config.no_fuseblk;
+    if wanted && privileged {
+        match crate::loopdev::LoopDevice::attach_tiny() {
+            Ok(loopdev) => {
+                spec.block_device = Some(loopdev.path().to_path_buf());
+                match mount::mount(&spec) {
+                    // The mount now holds the device open; dropping ours lets autoclear
+                    // detach it when the mount goes.
+                    Ok(m) => return Ok((m.into_device(), Transport::Fuseblk)),
+                    Err(msg) => log::warn!(
+                        "cannot mount as fuseblk ({msg}); mounting as plain fuse: syncfs(2) on \
+                         the union will not flush the upper layer"
+                    ),
+                }
+                spec.block_device = None;
+            }
+            Err(e) => log::warn!(
+                "cannot set up a loop device for a fuseblk mount ({e}); mounting as plain \
+                 fuse: syncfs(2) on the union will not flush the upper layer"
+            ),
+        }
+    } else if wanted {
+        log::info!(
+            "unprivileged: mounting as plain fuse; syncfs(2) on the union does not flush the \
+             upper layer (use `ovlfuse sync`); upper errors reach it within {:?}",
+            crate::health::CHECK_INTERVAL
+        );
+    }
+    mount::mount(&spec).map(|m| (m.into_device(), Transport::Fuse))
 }
 
 fn mount_spec(config: &MountConfig) -> MountSpec {
@@ -246,6 +365,7 @@ fn mount_spec(config: &MountConfig) -> MountSpec {
         default_permissions: config.default_permissions,
         // A union without an upper layer has nowhere to write.
         read_only: config.read_only || config.upperdir.is_none(),
+        block_device: None,
     }
 }
 

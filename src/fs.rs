@@ -26,6 +26,9 @@ use fuser::{
 };
 use parking_lot::{Mutex, RwLock};
 
+use crate::canary::{CANARY_FH, CANARY_ID, CANARY_SIZE, Canary};
+use crate::errseq::Cursor;
+use crate::health::{Health, Mode};
 use crate::idmap::IdMap;
 use crate::inodes::{Node, ROOT_ID};
 use crate::layers::LayerStack;
@@ -67,7 +70,13 @@ struct LowerOpen {
 
 /// An open file.
 struct OpenFile {
+    node: Arc<Node>,
     file: RwLock<Arc<OwnedFd>>,
+    /// This handle's cursor on the node's writeback errors (sampled at open).
+    wb_since: Mutex<Cursor>,
+    /// Created by this open: the first fsync also flushes the parent directory, so the
+    /// name is as durable as the data.
+    created: std::sync::atomic::AtomicBool,
     /// For a read-only open of an object below the upper layer: its node, the handle it was
     /// opened from and the open flags. When the node is copied up through another descriptor,
     /// reads switch to the upper copy, as they do on the kernel overlay.
@@ -81,6 +90,8 @@ pub struct OverlayFs {
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_handle: AtomicU64,
     settings: FsSettings,
+    health: Arc<Health>,
+    canary: Option<Arc<Canary>>,
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -109,14 +120,128 @@ fn file_type(mode: u32) -> FileType {
 
 impl OverlayFs {
     /// Builds the union over `stack`; fails if the root cannot be read from the layers.
-    pub fn new(stack: LayerStack, durable: bool, settings: FsSettings) -> io::Result<OverlayFs> {
+    pub fn new(
+        stack: LayerStack,
+        durable: bool,
+        settings: FsSettings,
+        health: Arc<Health>,
+        canary: Option<Arc<Canary>>,
+    ) -> io::Result<OverlayFs> {
         Ok(OverlayFs {
             union: Union::new(stack, durable)?,
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             settings,
+            health,
+            canary,
         })
+    }
+
+    /// A volatile mount poisoned by a lost write refuses everything with EIO.
+    fn gate(&self) -> Result<(), Errno> {
+        match self.health.refusal() {
+            Some(e) => Err(Errno::from_i32(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies `node` up; an I/O error on the way is a reason to check the upper now.
+    fn copy_up(&self, node: &Node, with_data: bool) -> Result<crate::inodes::NodeState, Errno> {
+        self.union
+            .copy_up(node, with_data)
+            .map_err(|e| self.upper_errno(e))
+    }
+
+    /// The errno for an error from the upper layer, after telling the health checker.
+    fn upper_errno(&self, e: io::Error) -> Errno {
+        if let Some(code) = e.raw_os_error() {
+            self.health.suspect(code);
+        }
+        errno(e)
+    }
+
+    /// fsync of one handle, with ext4's rule: an upper writeback error is reported once per
+    /// handle, whether the upper kernel reports it on this handle's descriptor or the
+    /// daemon's checker found it first (then the kernel has it marked seen, and only the
+    /// node's own record still knows that this handle has not been told). The two never
+    /// report one error in two calls: the checker's descriptor is opened at each check, so
+    /// it only finds errors nobody has been told about, which this handle's upper
+    /// descriptor then reports in the same call as the node's record.
+    fn fsync_handle(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
+        let open = self.open_file(fh)?;
+        let node = &open.node;
+        match self.health.mode() {
+            Mode::Volatile => {
+                return self.health.volatile_fsync(node).map_err(Errno::from_i32);
+            }
+            // fsync=0: nothing is flushed, but errors the checker found are still told.
+            Mode::NoSync => {
+                let found = node.wb_err.check_and_advance(&mut open.wb_since.lock());
+                return found.map_or(Ok(()), |e| Err(Errno::from_i32(e)));
+            }
+            Mode::Durable => {}
+        }
+        let file = self.file(fh)?;
+        let mut direct = sys::sync_fd(file.as_fd(), datasync)
+            .err()
+            .map(|e| e.raw_os_error().unwrap_or(libc::EIO));
+        if direct.is_none() && open.created.swap(false, Ordering::AcqRel) {
+            direct = self.sync_parent_dir(node);
+        }
+        let found = node.wb_err.check_and_advance(&mut open.wb_since.lock());
+        if let Some(e) = direct {
+            self.health.fsync_failed(e);
+        }
+        match direct.or(found) {
+            Some(e) => Err(Errno::from_i32(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the upper directory holding a node created through the union, so that after
+    /// fsync its name survives a crash as well as its data.
+    fn sync_parent_dir(&self, node: &Node) -> Option<i32> {
+        let parent = self.union.inodes.get(node.state().parent)?;
+        let state = parent.state();
+        if !(self.union.stack.has_upper() && state.layer == 0) {
+            return None;
+        }
+        sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .and_then(|dir| sys::sync_fd(dir.as_fd(), false))
+            .err()
+            .map(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }
+
+    fn canary_attr(&self, req: &Request) -> FileAttr {
+        let now = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(CANARY_ID),
+            size: CANARY_SIZE,
+            blocks: CANARY_SIZE / 512,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: UNIX_EPOCH,
+            kind: FileType::RegularFile,
+            perm: 0o600,
+            nlink: 1,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev: 0,
+            blksize: CANARY_SIZE as u32,
+            flags: 0,
+        }
+    }
+
+    /// The mount's health, shared with the daemon and the relay.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Bounds WRITE requests to what the transport carries (the relay's buffers).
+    pub fn limit_max_write(&mut self, max_write: u32) {
+        self.settings.max_write = Some(max_write);
     }
 
     /// A handle on the upper layer's root, if there is an upper layer.
@@ -217,7 +342,7 @@ impl OverlayFs {
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Errno> {
-        let open = self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        let open = self.open_file(fh)?;
         let mut follows = open.follows.lock();
         if let Some(lower) = follows.as_ref() {
             let state = lower.node.state();
@@ -231,11 +356,24 @@ impl OverlayFs {
         Ok(open.file.read().clone())
     }
 
-    fn register_file(&self, file: OwnedFd, follows: Option<LowerOpen>) -> u64 {
+    fn open_file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn register_file(
+        &self,
+        node: Arc<Node>,
+        file: OwnedFd,
+        follows: Option<LowerOpen>,
+        created: bool,
+    ) -> u64 {
         let fh = self.handle();
         let open = OpenFile {
+            wb_since: Mutex::new(node.wb_err.sample()),
+            node,
             file: RwLock::new(Arc::new(file)),
             follows: Mutex::new(follows),
+            created: std::sync::atomic::AtomicBool::new(created),
         };
         self.files.write().insert(fh, Arc::new(open));
         fh
@@ -244,7 +382,7 @@ impl OverlayFs {
     /// Opens the upper object of `node` (copying it up first) with `flags`.
     fn open_for_write(&self, node: &Node, flags: i32) -> Result<OwnedFd, Errno> {
         let with_data = flags & libc::O_TRUNC == 0;
-        let state = self.union.copy_up(node, with_data).map_err(errno)?;
+        let state = self.copy_up(node, with_data)?;
         sys::reopen(state.fd.as_fd(), real_open_flags(flags)).map_err(errno)
     }
 
@@ -295,9 +433,42 @@ impl fuser::Filesystem for OverlayFs {
 
     fn destroy(&mut self) {
         log::info!("filesystem released ({} nodes)", self.union.inodes.len());
+        // On a fuseblk mount the kernel waits for this answer in umount: flush now, so
+        // umount returns only once written data is on disk (the daemon reports the result).
+        let _ = self.health.flush_at_unmount();
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        if cmd != crate::health::SYNC_IOCTL {
+            return reply.error(Errno::ENOTTY);
+        }
+        match self.health.sync_now() {
+            Ok(()) => reply.ioctl(0, &[]),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == ROOT_ID
+            && let Some(canary) = &self.canary
+            && canary.is_lookup(name, req.pid())
+        {
+            // Never cached: the next lookup by anyone else must reach us and get ENOENT.
+            return reply.entry(&Duration::ZERO, &self.canary_attr(req), Generation(0));
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self.do_lookup(parent, name) {
             Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -308,7 +479,13 @@ impl fuser::Filesystem for OverlayFs {
         self.union.inodes.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino.0 == CANARY_ID {
+            return reply.attr(&Duration::ZERO, &self.canary_attr(req));
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self.node(ino).and_then(|n| self.attr(&n)) {
             Ok(attr) => reply.attr(&self.settings.ttl, &attr),
             Err(e) => reply.error(e),
@@ -317,7 +494,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -333,10 +510,16 @@ impl fuser::Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if ino.0 == CANARY_ID {
+            return reply.attr(&Duration::ZERO, &self.canary_attr(req));
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             // Only the data up to the new size matters when truncating to zero.
             let with_data = size != Some(0);
-            let state = self.union.copy_up(&node, with_data).map_err(errno)?;
+            let state = self.copy_up(&node, with_data)?;
             let ids = &self.settings.ids;
             let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
                 // An id no mapping covers cannot be stored, as in a user namespace.
@@ -365,6 +548,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self
             .node(ino)
             .and_then(|n| sys::readlink_fd(n.state().fd.as_fd()).map_err(errno))
@@ -384,6 +570,9 @@ impl fuser::Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let what = if mode & libc::S_IFMT == libc::S_IFREG {
             NewObject::File
         } else {
@@ -404,6 +593,9 @@ impl fuser::Filesystem for OverlayFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode) {
             Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -411,6 +603,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self
             .node(parent)
             .and_then(|dir| self.union.unlink(&dir, name).map_err(errno))
@@ -421,6 +616,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         match self
             .node(parent)
             .and_then(|dir| self.union.rmdir(&dir, name).map_err(errno))
@@ -438,6 +636,9 @@ impl fuser::Filesystem for OverlayFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let what = NewObject::Symlink {
             target: target.as_os_str().as_bytes(),
         };
@@ -457,6 +658,9 @@ impl fuser::Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(parent).and_then(|from| {
             let to = self.node(newparent)?;
             self.union
@@ -477,6 +681,9 @@ impl fuser::Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             let dir = self.node(newparent)?;
             let resolved = self.union.link(&node, &dir, newname).map_err(errno)?;
@@ -489,11 +696,17 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == CANARY_ID {
+            return reply.opened(FileHandle(CANARY_FH), FopenFlags::empty());
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if writing {
                 let file = self.open_for_write(&node, flags.0)?;
-                return Ok(self.register_file(file, None));
+                return Ok(self.register_file(node, file, None, false));
             }
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
@@ -504,7 +717,7 @@ impl fuser::Filesystem for OverlayFs {
                 source: state.fd.clone(),
                 flags: real_flags,
             });
-            Ok(self.register_file(file, follows))
+            Ok(self.register_file(node, file, follows, false))
         });
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -522,6 +735,9 @@ impl fuser::Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = (|| {
             let dir = self.node(parent)?;
             let resolved = self
@@ -531,7 +747,8 @@ impl fuser::Filesystem for OverlayFs {
             let file = sys::reopen(resolved.fd.as_fd(), real_open_flags(flags) & !libc::O_TRUNC)
                 .map_err(errno)?;
             let attr = self.remember(&dir, name, resolved)?;
-            Ok((attr, self.register_file(file, None)))
+            let node = self.node(attr.ino)?;
+            Ok((attr, self.register_file(node, file, None, true)))
         })();
         match result {
             Ok((attr, fh)) => reply.created(
@@ -556,6 +773,13 @@ impl fuser::Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if fh.0 == CANARY_FH {
+            let len = CANARY_SIZE.saturating_sub(offset).min(u64::from(size));
+            return reply.data(&vec![0u8; len as usize]);
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self
             .file(fh)
             .and_then(|f| sys::read_at(f.as_fd(), offset, size as usize).map_err(errno));
@@ -577,9 +801,23 @@ impl fuser::Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let result = self
-            .file(fh)
-            .and_then(|f| sys::write_at(f.as_fd(), offset, data).map_err(errno));
+        if fh.0 == CANARY_FH {
+            // The injection's writeback fails with the upper errno; anything else the
+            // kernel writes back to the canary is accepted and dropped.
+            return match self.canary.as_ref().and_then(|c| c.write_error()) {
+                Some(e) => reply.error(Errno::from_i32(e)),
+                None => reply.written(data.len() as u32),
+            };
+        }
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
+        let result = self.open_file(fh).and_then(|open| {
+            let f = self.file(fh)?;
+            let n = sys::write_at(f.as_fd(), offset, data).map_err(|e| self.upper_errno(e))?;
+            self.health.note_written(&open.node);
+            Ok(n)
+        });
         match result {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(e),
@@ -607,7 +845,9 @@ impl fuser::Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.write().remove(&fh.0);
+        if fh.0 != CANARY_FH {
+            self.files.write().remove(&fh.0);
+        }
         reply.ok();
     }
 
@@ -619,19 +859,19 @@ impl fuser::Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if !self.settings.flush {
+        if fh.0 == CANARY_FH {
             return reply.ok();
         }
-        match self
-            .file(fh)
-            .and_then(|f| sys::sync_fd(f.as_fd(), datasync).map_err(errno))
-        {
+        match self.fsync_handle(fh, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|dir| {
             if !dir.is_dir() {
                 return Err(Errno::ENOTDIR);
@@ -661,6 +901,9 @@ impl fuser::Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let Some(stream) = self.dirs.read().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -707,6 +950,10 @@ impl fuser::Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // Volatile: every fsync answers the poison's own errno.
+        if let Some(e) = self.health.poisoned() {
+            return reply.error(Errno::from_i32(e));
+        }
         if !self.settings.flush {
             return reply.ok();
         }
@@ -718,7 +965,7 @@ impl fuser::Filesystem for OverlayFs {
             }
             let fd =
                 sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
-            sys::sync_fd(fd.as_fd(), datasync).map_err(errno)
+            sys::sync_fd(fd.as_fd(), datasync).map_err(|e| self.upper_errno(e))
         });
         match result {
             Ok(()) => reply.ok(),
@@ -727,6 +974,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         // Like the kernel overlay: the space figures are the top layer's (the upper, where
         // writes go, when there is one).
         match sys::statfs_fd(self.union.stack.layers[0].root.as_fd()) {
@@ -754,9 +1004,12 @@ impl fuser::Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
-            let state = self.union.copy_up(&node, true).map_err(errno)?;
+            let state = self.copy_up(&node, true)?;
             xattr::set(
                 state.fd.as_fd(),
                 name,
@@ -773,6 +1026,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             xattr::get(
                 node.state().fd.as_fd(),
@@ -790,6 +1046,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             xattr::list(
                 node.state().fd.as_fd(),
@@ -805,6 +1064,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
             // Removing what is not there must not copy anything up.
@@ -816,7 +1078,7 @@ impl fuser::Filesystem for OverlayFs {
             )
             .map_err(errno)?
             .ok_or(Errno::NO_XATTR)?;
-            let state = self.union.copy_up(&node, true).map_err(errno)?;
+            let state = self.copy_up(&node, true)?;
             xattr::remove(state.fd.as_fd(), name, self.union.stack.xattr_prefix).map_err(errno)
         });
         match result {
@@ -826,6 +1088,9 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.node(ino).and_then(|node| {
             let st = sys::stat_fd(node.state().fd.as_fd()).map_err(errno)?;
             if mask.contains(AccessFlags::W_OK) && !self.union.stack.has_upper() {
@@ -849,6 +1114,9 @@ impl fuser::Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.file(fh).and_then(|f| {
             // SAFETY: valid fd.
             let ret = unsafe {
@@ -862,7 +1130,7 @@ impl fuser::Filesystem for OverlayFs {
             if ret == 0 {
                 Ok(())
             } else {
-                Err(errno(io::Error::last_os_error()))
+                Err(self.upper_errno(io::Error::last_os_error()))
             }
         });
         match result {
@@ -884,6 +1152,9 @@ impl fuser::Filesystem for OverlayFs {
         flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
         let result = self.file(fh_in).and_then(|input| {
             let output = self.file(fh_out)?;
             let mut off_in = offset_in as libc::off64_t;
@@ -900,8 +1171,11 @@ impl fuser::Filesystem for OverlayFs {
                 )
             };
             if n < 0 {
-                Err(errno(io::Error::last_os_error()))
+                Err(self.upper_errno(io::Error::last_os_error()))
             } else {
+                if let Ok(open) = self.open_file(fh_out) {
+                    self.health.note_written(&open.node);
+                }
                 Ok(n as u32)
             }
         });

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::errseq::ErrSeq;
 use crate::layers::LayerIndex;
 use crate::lookup::{LayerDir, Resolved};
 
@@ -56,6 +57,13 @@ pub struct Node {
     /// Held while this node is being copied up.
     pub copy_up: Mutex<()>,
     lookups: AtomicU64,
+    /// Writeback errors of the upper file as the daemon's background check found them (the
+    /// kernel's own per-file errseq is marked seen by that check, so FUSE handles opened
+    /// afterwards learn about an unseen error from here). Lost with the node, as ext4 loses
+    /// a file's error with its inode.
+    pub wb_err: ErrSeq,
+    /// Whether the node is on the health checker's list of files written since last checked.
+    pub watched: AtomicBool,
 }
 
 impl Node {
@@ -118,6 +126,8 @@ impl InodeTable {
             copy_up: Mutex::new(()),
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1 << 62),
+            wb_err: ErrSeq::new(),
+            watched: AtomicBool::new(false),
         });
         let mut overrides = HashMap::new();
         overrides.insert(key, ROOT_ID);
@@ -168,6 +178,8 @@ impl InodeTable {
                 state: RwLock::new(state_of(resolved, parent, name.to_owned())),
                 copy_up: Mutex::new(()),
                 lookups: AtomicU64::new(0),
+                wb_err: ErrSeq::new(),
+                watched: AtomicBool::new(false),
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);

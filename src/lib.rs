@@ -8,23 +8,34 @@
 //! applies SETATTR; `idmap` translates owner ids (uidmapping, squash); `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
 //! `mount` and `relay` attach the FUSE connection; `daemon` runs the process lifecycle;
 //! `errseq` tracks writeback errors so `fsync` and `syncfs` report each once per handle;
+//! `health` finds upper writeback errors and passes them on (fsync, syncfs through the
+//! `canary` file, volatile poisoning); `loopdev` makes the tiny block device a `fuseblk`
+//! mount needs so the kernel forwards syncfs; `status` keeps the status file container
+//! managers poll (and its registry) and runs `ovlfuse status`;
+//! `volatile` keeps the mount-time rules of volatile mode (the `work/incompat` marker, the
+//! unseen-upper-error refusal);
 //! `demo` builds and shows an example union; `sys` wraps the system calls.
 
 pub mod attrs;
+pub mod canary;
 pub mod copy_up;
 pub mod daemon;
 pub mod demo;
 pub mod errseq;
 pub mod fs;
+pub mod health;
 pub mod idmap;
 pub mod inodes;
 pub mod layers;
 pub mod lookup;
+pub mod loopdev;
 pub mod mount;
 pub mod namespace;
 pub mod options;
 pub mod readdir;
 pub mod relay;
+pub mod status;
 pub mod sys;
+pub mod volatile;
 pub mod whiteout;
 pub mod xattr;

@@ -26,6 +26,8 @@ fn main() -> ExitCode {
             0
         }
         Command::Demo => ovlfuse::demo::run(),
+        Command::Status(target) => ovlfuse::status::command(&target),
+        Command::Sync(path) => ovlfuse::health::sync_command(&path),
         Command::Mount(config) => ovlfuse::daemon::run(config),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

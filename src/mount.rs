@@ -33,6 +33,9 @@ pub struct MountSpec {
     pub default_permissions: bool,
     /// Mount read-only.
     pub read_only: bool,
+    /// Mount as `fuseblk.<subtype>` with this block device as the source, so the kernel
+    /// forwards syncfs(2) to the daemon (FUSE_SYNCFS). `None`: a plain `fuse.<subtype>` mount.
+    pub block_device: Option<PathBuf>,
 }
 
 /// A live FUSE mount: the `/dev/fuse` descriptor the kernel will send requests on,
@@ -199,6 +202,8 @@ fn unescape_mountinfo(field: &[u8]) -> OsString {
 pub fn mount(spec: &MountSpec) -> Result<FuseMount, String> {
     check_mountpoint(&spec.mountpoint)?;
     match mount_directly(spec) {
+        // fusermount3 cannot make a fuseblk mount; the caller decides what to do instead.
+        Err(Refused::NotPermitted(why)) if spec.block_device.is_some() => Err(why),
         Err(Refused::NotPermitted(why)) => {
             log::info!("{why}; mounting through fusermount3");
             mount_with_fusermount(spec).map_err(|e| format!("{why}; and through fusermount3: {e}"))
@@ -222,8 +227,10 @@ fn mount_directly(spec: &MountSpec) -> Result<FuseMount, Refused> {
 
     let failed = Refused::Failed;
     let c_target = cstring(target.as_os_str(), "mountpoint", target).map_err(failed)?;
-    let c_source = cstring(OsStr::new(&spec.fsname), "fsname", target).map_err(failed)?;
-    let fstype = format!("fuse.{}", spec.subtype);
+    let fstype = match &spec.block_device {
+        Some(_) => format!("fuseblk.{}", spec.subtype),
+        None => format!("fuse.{}", spec.subtype),
+    };
     let c_fstype = cstring(OsStr::new(&fstype), "subtype", target).map_err(failed)?;
 
     let device = open_fuse_device().map_err(|(errno, msg)| {
@@ -256,18 +263,31 @@ fn mount_directly(spec: &MountSpec) -> Result<FuseMount, Refused> {
         flags |= libc::MS_RDONLY;
     }
 
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c_source.as_ptr(),
-            c_target.as_ptr(),
-            c_fstype.as_ptr(),
-            flags as libc::c_ulong,
-            c_data.as_ptr().cast(),
-        )
+    let mount_from = |source: &OsStr| -> Result<(), io::Error> {
+        let c_source = CString::new(source.as_bytes())
+            .map_err(|_| io::Error::other("the fsname contains a NUL byte"))?;
+        // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c_source.as_ptr(),
+                c_target.as_ptr(),
+                c_fstype.as_ptr(),
+                flags as libc::c_ulong,
+                c_data.as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
+    // A fuseblk mount's source must name its block device (the kernel opens it by path).
+    let mounted = match &spec.block_device {
+        Some(dev) => crate::loopdev::with_source_named(dev, &spec.fsname, mount_from),
+        None => mount_from(OsStr::new(&spec.fsname)),
+    };
+    if let Err(err) = mounted {
         return Err(match err.raw_os_error() {
             Some(libc::EPERM) => {
                 Refused::NotPermitted(format!("cannot mount {fstype} at {shown}: {err}"))
@@ -661,6 +681,7 @@ pub(crate) mod tests {
             allow_other: true,
             default_permissions: true,
             read_only: false,
+            block_device: None,
         };
         let mounted = mount(&spec).unwrap();
         let _guard = MountGuard(dir.0.clone());

@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 pub enum Command {
     Mount(MountConfig),
     Demo,
+    /// `ovlfuse status MOUNTPOINT|WORKDIR`, with the path as given.
+    Status(PathBuf),
+    /// `ovlfuse sync PATH`: flush the upper layer of the union PATH is on.
+    Sync(PathBuf),
     Help,
     Version,
 }
@@ -103,6 +107,8 @@ pub struct MountConfig {
     pub volatile: bool,
     /// `fsync=0` clears it.
     pub fsync: bool,
+    /// `nofuseblk`: never mount as fuseblk, even when privileged.
+    pub no_fuseblk: bool,
     pub threads: Option<usize>,
     pub read_only: bool,
     /// `None` leaves the choice to the daemon.
@@ -141,6 +147,7 @@ impl MountConfig {
             redirect_dir: RedirectDir::Off,
             volatile: false,
             fsync: true,
+            no_fuseblk: false,
             threads: None,
             read_only: false,
             allow_other: None,
@@ -182,6 +189,8 @@ enum Key {
         unsupported: &'static [&'static str],
     },
     Volatile,
+    /// `fuseblk` (true) / `nofuseblk` (false).
+    Fuseblk(bool),
     FsName,
     Source,
     ReadOnly,
@@ -336,8 +345,20 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt(
         "volatile",
         None,
-        "never flush the upper layer (not implemented yet: refused at mount)",
+        "never flush the upper layer; marks the work dir, and later mounts are refused until workdir/work/incompat/volatile is removed",
         Key::Volatile,
+    ),
+    opt(
+        "fuseblk",
+        None,
+        "when privileged, mount as fuseblk on a tiny loop device so that syncfs(2) flushes the upper layer and reports its errors (default for root)",
+        Key::Fuseblk(true),
+    ),
+    opt(
+        "nofuseblk",
+        None,
+        "always mount as plain fuse: faster metadata operations (no relay), but syncfs(2) on the union does not flush the upper layer (`ovlfuse sync` does)",
+        Key::Fuseblk(false),
     ),
     // FUSE and mount options.
     opt(
@@ -702,6 +723,18 @@ pub fn help_text() -> String {
     out.push_str(
         "  ovlfuse demo                                   (run the built-in demonstration)\n",
     );
+    out.push_str(
+        "  ovlfuse status MOUNTPOINT|WORKDIR              (print a mount's status and exit\n",
+    );
+    out.push_str(
+        "                                                  0 healthy, 1 poisoned, 2 not running)\n",
+    );
+    out.push_str(
+        "  ovlfuse sync PATH                              (flush the upper layer of the union\n",
+    );
+    out.push_str(
+        "                                                  PATH is on; 0 all written, 1 lost)\n",
+    );
     out.push_str("  ovlfuse -h | --help | -V | --version\n");
     out.push_str("Flags, options and arguments may come in any order.\n\n");
 
@@ -787,6 +820,12 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
             ))),
         };
     }
+    if args.first().is_some_and(|a| a == "status") {
+        return parse_path_command(&lexed, "status", "a MOUNTPOINT or WORKDIR", Command::Status);
+    }
+    if args.first().is_some_and(|a| a == "sync") {
+        return parse_path_command(&lexed, "sync", "a PATH on an ovlfuse mount", Command::Sync);
+    }
     if let Some(err) = lexed.error {
         return Err(err);
     }
@@ -847,6 +886,41 @@ pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, 
         _ => {}
     }
     Ok(Command::Mount(cfg))
+}
+
+/// `status TARGET` and `sync PATH`: one path (`--` may come before it), no flags or options.
+/// `what` names the argument in messages ("a MOUNTPOINT or WORKDIR").
+fn parse_path_command(
+    lexed: &Lexed,
+    name: &str,
+    what: &str,
+    make: fn(PathBuf) -> Command,
+) -> Result<Command, UsageError> {
+    if let Some(err) = &lexed.error {
+        return Err(err.clone());
+    }
+    let bare = what.trim_start_matches("a ");
+    if lexed.foreground || lexed.debug || lexed.single_threaded || !lexed.option_strings.is_empty()
+    {
+        return Err(usage(format!(
+            "{name} takes no flags or options, only {what}"
+        )));
+    }
+    match &lexed.positionals[1..] {
+        [] => Err(usage(format!("{name} needs {what} argument"))),
+        [target] if target.is_empty() => Err(usage(format!("empty {bare} argument"))),
+        [target] => Ok(make(PathBuf::from(target))),
+        [_, extra @ ..] => {
+            let listed: Vec<String> = extra
+                .iter()
+                .map(|e| format!("{:?}", e.to_string_lossy()))
+                .collect();
+            Err(usage(format!(
+                "{name} takes one {bare}: unexpected {}",
+                listed.join(", ")
+            )))
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1154,6 +1228,7 @@ fn apply_option(
             cfg.ignored.push(format!("{name}={value}"));
         }
         Key::Volatile => cfg.volatile = true,
+        Key::Fuseblk(on) => cfg.no_fuseblk = !on,
         Key::FsName => cfg.fsname = Some(text_value(name, raw)?),
         Key::Source => cfg.source = Some(text_value(name, raw)?),
         Key::ReadOnly => cfg.read_only = true,
@@ -1349,6 +1424,81 @@ mod tests {
     fn demo_elsewhere_is_a_mountpoint() {
         let cfg = mount(&["-o", "lowerdir=/l", "demo"]);
         assert_eq!(cfg.mountpoint, abs("demo"));
+    }
+
+    #[test]
+    fn status_as_first_argument_takes_one_target_as_given() {
+        assert_eq!(
+            parse(&["status", "/c/merged"]),
+            Ok(Command::Status(PathBuf::from("/c/merged")))
+        );
+        assert_eq!(
+            parse(&["status", "work"]),
+            Ok(Command::Status(PathBuf::from("work")))
+        );
+        assert_eq!(
+            parse(&["status", "--", "-odd"]),
+            Ok(Command::Status(PathBuf::from("-odd")))
+        );
+    }
+
+    #[test]
+    fn sync_takes_one_path() {
+        assert_eq!(
+            parse(&["sync", "/c/merged/etc"]),
+            Ok(Command::Sync(PathBuf::from("/c/merged/etc")))
+        );
+        assert_eq!(
+            error(&["sync"]),
+            "sync needs a PATH on an ovlfuse mount argument"
+        );
+        assert_eq!(
+            error(&["sync", "-o", "x", "/a"]),
+            "sync takes no flags or options, only a PATH on an ovlfuse mount"
+        );
+    }
+
+    #[test]
+    fn status_needs_exactly_one_target_and_nothing_else() {
+        assert_eq!(
+            error(&["status"]),
+            "status needs a MOUNTPOINT or WORKDIR argument"
+        );
+        assert_eq!(
+            error(&["status", ""]),
+            "empty MOUNTPOINT or WORKDIR argument"
+        );
+        assert_eq!(
+            error(&["status", "/a", "/b", "/c"]),
+            r#"status takes one MOUNTPOINT or WORKDIR: unexpected "/b", "/c""#
+        );
+        assert_eq!(
+            error(&["status", "-f", "/a"]),
+            "status takes no flags or options, only a MOUNTPOINT or WORKDIR"
+        );
+        assert_eq!(
+            error(&["status", "-o", "ro", "/a"]),
+            "status takes no flags or options, only a MOUNTPOINT or WORKDIR"
+        );
+        assert_eq!(error(&["status", "-x", "/a"]), r#"unknown flag "-x""#);
+    }
+
+    #[test]
+    fn status_elsewhere_is_a_mountpoint_and_help_still_wins() {
+        let cfg = mount(&["-o", "lowerdir=/l", "status"]);
+        assert_eq!(cfg.mountpoint, abs("status"));
+        assert_eq!(parse(&["status", "--help"]), Ok(Command::Help));
+        assert_eq!(parse(&["status", "/m", "-V"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn help_mentions_the_status_command_and_its_exit_codes() {
+        let help = help_text();
+        assert!(help.contains("ovlfuse status MOUNTPOINT|WORKDIR"), "{help}");
+        assert!(
+            help.contains("0 healthy, 1 poisoned, 2 not running"),
+            "{help}"
+        );
     }
 
     #[test]

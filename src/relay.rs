@@ -163,6 +163,36 @@ pub trait LocalAnswer: Send + Sync {
     /// error. `None` lets the relay decide: forward if fuser can parse the opcode,
     /// else answer ENOSYS.
     fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32>;
+
+    /// For requests whose answer takes time (FUSE_SYNCFS flushes a whole filesystem): a job
+    /// that computes the result (0 or a negative errno). The relay runs it on a thread of
+    /// its own and replies with its result, so neither the relay nor fuser's workers wait
+    /// for it. Consulted before [`LocalAnswer::answer`], for the same requests.
+    fn defer(&self, _header: &InHeader, _body: &[u8]) -> Option<DeferredAnswer> {
+        None
+    }
+
+    /// Runs on the inbound thread when FUSE_DESTROY arrives, before it goes to fuser. On a
+    /// fuseblk mount umount waits for that reply, so work done here (flushing the upper
+    /// layer) is finished by the time umount returns.
+    fn before_destroy(&self) {}
+}
+
+/// A job computing the result of one deferred request; see [`LocalAnswer::defer`].
+pub type DeferredAnswer = Box<dyn FnOnce() -> i32 + Send>;
+
+/// Requests that belong to the protocol itself and always go to fuser: it must negotiate
+/// INIT, leave its loop on DESTROY, and never reply to FORGETs.
+fn is_protocol(op: u32) -> bool {
+    matches!(
+        op,
+        opcode::INIT
+            | opcode::DESTROY
+            | opcode::INTERRUPT
+            | opcode::FORGET
+            | opcode::BATCH_FORGET
+            | opcode::NOTIFY_REPLY
+    )
 }
 
 /// The default [`LocalAnswer`]: ENOSYS for every opcode fuser cannot parse, and
@@ -194,15 +224,7 @@ pub enum Route {
 /// from fuser whatever the hook said.
 pub fn route(local: &dyn LocalAnswer, header: &InHeader, body: &[u8]) -> Route {
     let op = header.opcode;
-    if matches!(
-        op,
-        opcode::INIT
-            | opcode::DESTROY
-            | opcode::INTERRUPT
-            | opcode::FORGET
-            | opcode::BATCH_FORGET
-            | opcode::NOTIFY_REPLY
-    ) {
+    if is_protocol(op) {
         return Route::Forward;
     }
     if let Some(result) = local.answer(op, header, body) {
@@ -255,6 +277,10 @@ struct Shared {
     /// Unique of the forwarded FUSE_INIT, whose reply gets clamped.
     init_unique: AtomicU64,
     init_pending: AtomicBool,
+    /// Unique of the real FUSE_DESTROY forwarded to fuser, whose reply must reach the
+    /// kernel (umount of a fuseblk mount waits for it) before the relay may stop.
+    destroy_unique: AtomicU64,
+    destroy_pending: AtomicBool,
     /// Set once fuser's end is closed: from then on requests are answered EIO.
     fuser_gone: AtomicBool,
     shutdown_started: AtomicBool,
@@ -272,7 +298,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn inbound(&self) {
+    fn inbound(self: &Arc<Self>) {
         let mut buf = vec![0u8; self.max_write as usize + REQUEST_HEADROOM];
         loop {
             let n = match read_fd(self.device.as_fd(), &mut buf) {
@@ -315,6 +341,12 @@ impl Shared {
                 continue;
             }
             let end = (header.len as usize).clamp(IN_HEADER_LEN, n);
+            if !is_protocol(header.opcode)
+                && let Some(job) = self.local.defer(&header, &buf[IN_HEADER_LEN..end])
+            {
+                self.run_deferred(header, job);
+                continue;
+            }
             match route(&*self.local, &header, &buf[IN_HEADER_LEN..end]) {
                 Route::Forward => self.forward(&header, &buf[..n]),
                 Route::Answer(result) => self.answer(&header, result),
@@ -334,6 +366,11 @@ impl Shared {
             );
             self.answer(header, -libc::EIO);
             return;
+        }
+        if header.opcode == opcode::DESTROY {
+            self.local.before_destroy();
+            self.destroy_unique.store(header.unique, Ordering::Release);
+            self.destroy_pending.store(true, Ordering::Release);
         }
         if header.opcode == opcode::INIT {
             // Published before the send so the outbound thread knows it by the
@@ -363,6 +400,31 @@ impl Shared {
             .fetch_max(message.len(), Ordering::Relaxed);
         if header.opcode == opcode::DESTROY {
             self.begin_shutdown(ShutdownCause::DestroyForwarded);
+        }
+    }
+
+    /// Runs a deferred answer on its own thread and replies with its result. If no thread
+    /// can be started, runs it here: slower, but the caller still gets an answer.
+    fn run_deferred(self: &Arc<Self>, header: InHeader, job: DeferredAnswer) {
+        let shared = Arc::clone(self);
+        let job = Arc::new(Mutex::new(Some(job)));
+        let for_thread = Arc::clone(&job);
+        let spawned = std::thread::Builder::new()
+            .name("ovlfuse-deferred".into())
+            .spawn(move || {
+                if let Some(job) = for_thread.lock().take() {
+                    let result = normalize_errno(job());
+                    shared.answer(&header, result);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!(
+                "relay: cannot start a thread for a deferred answer ({e}); answering inline"
+            );
+            if let Some(job) = job.lock().take() {
+                let result = normalize_errno(job());
+                self.answer(&header, result);
+            }
         }
     }
 
@@ -433,6 +495,7 @@ impl Shared {
         loop {
             if self.injection_done.load(Ordering::Acquire)
                 && synthetic_seen >= self.injected.load(Ordering::Acquire)
+                && (device_gone || !self.destroy_pending.load(Ordering::Acquire))
             {
                 log::debug!("relay: every fuser worker acknowledged shutdown");
                 return;
@@ -473,6 +536,23 @@ impl Shared {
             }
             if unique > SYNTHETIC_FLOOR {
                 synthetic_seen += 1;
+                continue;
+            }
+            if self.destroy_pending.load(Ordering::Acquire)
+                && unique == self.destroy_unique.load(Ordering::Acquire)
+            {
+                // Cleared only after the write below; the loop's exit test runs next turn.
+                let result = if device_gone {
+                    Ok(0)
+                } else {
+                    write_fd(self.device.as_fd(), &buf[..n])
+                };
+                if let Err(e) = result
+                    && !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV))
+                {
+                    log::error!("relay: writing the DESTROY reply failed: {e}");
+                }
+                self.destroy_pending.store(false, Ordering::Release);
                 continue;
             }
             if self.init_pending.load(Ordering::Acquire)
@@ -660,6 +740,8 @@ pub fn start(
         max_reply_pages,
         init_unique: AtomicU64::new(0),
         init_pending: AtomicBool::new(false),
+        destroy_unique: AtomicU64::new(0),
+        destroy_pending: AtomicBool::new(false),
         fuser_gone: AtomicBool::new(false),
         shutdown_started: AtomicBool::new(false),
         shutdown_at: Mutex::new(None),
@@ -1292,6 +1374,7 @@ mod tests {
             allow_other: true,
             default_permissions: true,
             read_only: false,
+            block_device: None,
         };
         let mounted = mount(&spec).unwrap();
         let guard = MountGuard(dir.0.clone());

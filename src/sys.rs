@@ -639,3 +639,35 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Re
     }
     Ok(())
 }
+
+/// `syncfs(2)` on an open (not `O_PATH`) descriptor: writes the whole filesystem back and
+/// reports, once per open file description, a writeback error recorded on the filesystem
+/// since the descriptor was opened — or before, if nobody had seen it yet.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: valid fd.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) })
+}
+
+/// `faccessat(dir, name, mode, AT_EACCESS | AT_SYMLINK_NOFOLLOW)`: whether this process, with
+/// its effective ids and capabilities, may access `name` as `mode` (`W_OK | X_OK`, ...).
+pub fn access_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid fd and name.
+    check(unsafe {
+        libc::faccessat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode,
+            libc::AT_EACCESS | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// `fallocate(fd, 0, offset, len)`: gives the range its blocks now (growing the file), so
+/// that writing there later needs no allocation and cannot fail with ENOSPC.
+pub fn fallocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid fd.
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), 0, offset, len) })
+}

@@ -48,7 +48,8 @@ fn mount_fuse_convention_shows_source_and_type() {
         ]
     });
     assert_eq!(mount_source_of(m.path()).as_deref(), Some("container-42"));
-    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuse.ovlfuse"));
+    // root gets fuseblk, so that syncfs(2) reaches the daemon
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
     assert_eq!(read_issue(&m), "top\n");
 }
 
@@ -205,4 +206,90 @@ fn statx_asking_for_birth_time_answers_promptly() {
         stx.stx_size
     });
     assert_eq!(size, 4);
+}
+
+/// `nofuseblk` gives a plain fuse mount, with the same source.
+#[test]
+fn nofuseblk_mounts_plain_fuse() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "fsname=plain-42,nofuseblk");
+    assert_eq!(mount_source_of(m.path()).as_deref(), Some("plain-42"));
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuse.ovlfuse"));
+    assert_eq!(read_issue(&m), "top\n");
+}
+
+/// The loop device behind a fuseblk mount goes away with the mount, and the helper node
+/// that named its source is gone as soon as the mount is made.
+#[test]
+fn fuseblk_leaves_no_loop_device_behind() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let mut m = mount_ovlfuse(&l, "fsname=loop-42");
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
+    // mountinfo: "id parent MAJ:MIN root mountpoint ..."
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = m.path().to_str().unwrap().to_string();
+    let dev = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[4] == mnt)
+        .map(|f| f[2].to_string())
+        .expect("the mount is not in mountinfo");
+    let backing = std::path::PathBuf::from(format!("/sys/dev/block/{dev}/loop/backing_file"));
+    let name = std::fs::read_to_string(&backing).unwrap_or_default();
+    assert!(
+        name.contains("ovlfuse-fuseblk"),
+        "device {dev} is not our loop device (backing file {name:?})"
+    );
+    let pid = m.daemon_pid().expect("daemon pid");
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".ovlfuse-source-{pid}-"))
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "source-naming dirs left: {leftovers:?}"
+    );
+    m.unmount();
+    let still = || {
+        std::fs::read_to_string(&backing)
+            .map(|b| b.contains("ovlfuse-fuseblk"))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while still() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!still(), "loop device {dev} still attached after umount");
+}
+
+/// umount of a fuseblk mount waits for the daemon's answer to FUSE_DESTROY, which passes
+/// through the relay while it shuts the fuser workers down: that answer must never be
+/// dropped, whatever order the workers finish in (it once was, and umount hung in D state).
+#[test]
+fn fuseblk_umount_never_hangs() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    for round in 0..15 {
+        let mut m = mount_ovlfuse(&l, "threads=6");
+        assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
+        assert_eq!(read_issue(&m), "top\n");
+        let out = run_argv(
+            &["umount".as_ref(), m.path().as_os_str()],
+            std::time::Duration::from_secs(20),
+        );
+        assert!(
+            out.ok(),
+            "round {round}: umount: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        m.unmount();
+    }
 }
