@@ -615,6 +615,14 @@ impl Layers {
     }
 
     /// Lower layer `i` (0 = top-most lower).
+    /// The upper and work directories (panics for a read-only union).
+    pub fn upper_and_work(&self) -> (PathBuf, PathBuf) {
+        (
+            self.upper.clone().expect("a writable union"),
+            self.work.clone().expect("a writable union"),
+        )
+    }
+
     pub fn lower(&self, i: usize) -> Layer {
         Layer(self.lowers[i].clone())
     }
