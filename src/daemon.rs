@@ -125,9 +125,22 @@ fn build_fs(stack: LayerStack, config: &MountConfig) -> Result<OverlayFs, String
     .map_err(|e| format!("cannot read the layers' root directories: {e}"))
 }
 
+/// How long the kernel may cache entries and attributes of objects only in lower layers,
+/// unless `timeout=` says otherwise.
+const LOWER_TTL: Duration = Duration::from_secs(24 * 3600);
+
 fn settings(config: &MountConfig) -> FsSettings {
+    let ttl = Duration::from_secs_f64(config.timeout.unwrap_or(1.0).max(0.0));
     FsSettings {
-        ttl: Duration::from_secs_f64(config.timeout.unwrap_or(1.0).max(0.0)),
+        ttl,
+        // Objects only in lower layers change only through the union; an explicit timeout=
+        // is taken as it is, and a volatile mount keeps caches short (see `cache`).
+        lower_ttl: match config.timeout {
+            Some(_) => ttl,
+            None if config.volatile => ttl,
+            None => LOWER_TTL,
+        },
+        cache: !config.volatile,
         max_write: None,
         ids: crate::idmap::IdMap::from_config(config),
         flush: config.syncs_to_disk(),

@@ -41,8 +41,16 @@ use crate::xattr::{self, Caller};
 /// Settings the adapter needs from the mount configuration.
 #[derive(Debug, Clone)]
 pub struct FsSettings {
-    /// How long the kernel may cache entries and attributes.
+    /// How long the kernel may cache entries and attributes of objects in the upper layer.
     pub ttl: Duration,
+    /// The same for objects that live only in lower layers: they change only through the
+    /// union, which tells the kernel itself (a copy-up keeps the inode number and the
+    /// attributes), so they may be cached much longer.
+    pub lower_ttl: Duration,
+    /// Let the kernel keep file pages and directory listings across opens (`FOPEN_KEEP_CACHE`,
+    /// `FOPEN_CACHE_DIR`): every change goes through the union, which keeps them coherent.
+    /// Off for volatile mounts, so that a poisoned mount's refusals are not hidden by caches.
+    pub cache: bool,
     /// Largest WRITE the transport can carry, when something smaller than fuser's default
     /// bounds it (the relay's socket buffers do).
     pub max_write: Option<u32>,
@@ -300,14 +308,37 @@ impl OverlayFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
         let dir = self.node(parent)?;
         let resolved = self
             .union
             .resolve(&dir, name)
             .map_err(errno)?
             .ok_or(Errno::ENOENT)?;
-        self.remember(&dir, name, resolved)
+        let attr = self.remember(&dir, name, resolved)?;
+        let ttl = self
+            .node(attr.ino)
+            .map_or(self.settings.ttl, |n| self.ttl_of(&n));
+        Ok((attr, ttl))
+    }
+
+    /// How long the kernel may cache what it learns about `node`.
+    fn ttl_of(&self, node: &Node) -> Duration {
+        if self.union.stack.has_upper() && node.state().layer == 0 {
+            self.settings.ttl
+        } else {
+            self.settings.lower_ttl
+        }
+    }
+
+    /// Open flags for a regular file: no FLUSH on close (ours does nothing: close never
+    /// reports errors), and the page cache kept across opens when caching is on.
+    fn file_open_flags(&self) -> FopenFlags {
+        if self.settings.cache {
+            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
+        }
     }
 
     /// Registers a kernel lookup of `resolved` (found as `name` in `dir`) and returns the
@@ -470,7 +501,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         match self.do_lookup(parent, name) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -486,8 +517,11 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        match self.node(ino).and_then(|n| self.attr(&n)) {
-            Ok(attr) => reply.attr(&self.settings.ttl, &attr),
+        match self
+            .node(ino)
+            .and_then(|n| Ok((self.attr(&n)?, self.ttl_of(&n))))
+        {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -720,7 +754,7 @@ impl fuser::Filesystem for OverlayFs {
             Ok(self.register_file(node, file, follows, false))
         });
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), self.file_open_flags()),
             Err(e) => reply.error(e),
         }
     }
@@ -756,7 +790,7 @@ impl fuser::Filesystem for OverlayFs {
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                self.file_open_flags(),
             ),
             Err(e) => reply.error(e),
         }
@@ -888,7 +922,16 @@ impl fuser::Filesystem for OverlayFs {
             Ok(fh)
         });
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                // The kernel keeps the listing until the directory changes through the union
+                // (it bumps the directory's version on every create, unlink and rename).
+                let flags = if self.settings.cache {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
+            }
             Err(e) => reply.error(e),
         }
     }

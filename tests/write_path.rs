@@ -2356,3 +2356,39 @@ fn without_whiteout_devices_deletions_fall_back_to_aufs_whiteouts() {
         "whiteout devices were made: {devices:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// kernel caches (long TTLs for lower objects, kept page cache, cached listings) follow
+// every change made through the union
+// ---------------------------------------------------------------------------
+
+scenario!(caches_follow_changes_made_through_the_union, base, |o| {
+    // pages, entry and attributes of a lower file cached, then changed through the union
+    o.read("lo");
+    o.stat("lo");
+    o.append("lo", b"appended through the union\n");
+    o.read("lo");
+    o.pread("lo", 4, 8);
+    o.stat("lo");
+    o.chmod("lo", 0o600);
+    o.stat("lo");
+    o.truncate("lo", 3);
+    o.read("lo");
+    o.stat("lo");
+    // a cached listing of a merged and of a lower-only directory, then changed
+    o.readdir("d");
+    o.readdir("ld");
+    o.write_file("d/new", b"new\n");
+    o.unlink("d/lf");
+    o.rename("ld/x", "ld/x2");
+    o.readdir("d");
+    o.readdir("ld");
+    o.stat("d/lf");
+    o.stat("ld/x");
+    o.read("ld/x2");
+    // a lower directory's attributes, after a child was created in it
+    o.stat("emptyld");
+    o.mkdir("emptyld/sub", 0o755);
+    o.stat("emptyld");
+    o.readdir("emptyld");
+});
