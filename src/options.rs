@@ -554,7 +554,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt(
         "timeout",
         Some("SECONDS"),
-        "how long the kernel may cache entries and attributes",
+        "how long the kernel may cache entries and attributes (default 1 for upper-layer objects and a day for objects only in lower layers, which change only through the union; when given, for all)",
         Key::Timeout,
     ),
     // fstab words that mount(8) may hand over.
@@ -2219,6 +2219,397 @@ mod tests {
             args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 0..6)
         ) {
             let _ = parse_args(args.into_iter().map(OsString::from_vec));
+        }
+    }
+
+    // --- fuzzing: arbitrary command lines (bad input) ------------------------
+
+    /// Cases per fuzz property: a quick run by default, many more with `OVLFUSE_FULL=1`;
+    /// `OVLFUSE_FUZZ_CASES=N` sets the number outright.
+    fn fuzz_config() -> ProptestConfig {
+        let full = std::env::var_os("OVLFUSE_FULL").is_some();
+        let cases = std::env::var("OVLFUSE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if full { 20_000 } else { 400 });
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Bytes that matter to the grammar, mixed with anything at all (non-UTF-8 included).
+    fn fuzz_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            3 => prop::sample::select(b",\"\\=:+/-. ".to_vec()),
+            2 => prop::sample::select(b"abcdefghlorstuvwxyz0123".to_vec()),
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn fuzz_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            8 => prop::collection::vec(fuzz_byte(), 0..24),
+            1 => prop::collection::vec(fuzz_byte(), 4096..70_000),
+        ]
+    }
+
+    /// One `-o` item: a real option name (with or without a value, empty values too),
+    /// `lowerdir+=`, or noise.
+    fn fuzz_item() -> impl Strategy<Value = Vec<u8>> {
+        let names: Vec<&'static str> = OPTIONS.iter().map(|o| o.name).collect();
+        prop_oneof![
+            4 => (prop::sample::select(names.clone()), fuzz_value())
+                .prop_map(|(n, v)| [n.as_bytes(), b"=", &v].concat()),
+            2 => prop::sample::select(names).prop_map(|n| n.as_bytes().to_vec()),
+            2 => fuzz_value().prop_map(|v| [&b"lowerdir+="[..], &v].concat()),
+            1 => fuzz_value().prop_map(|v| [&b"lowerdir="[..], &v].concat()),
+            2 => fuzz_value(),
+        ]
+    }
+
+    fn fuzz_option_string() -> impl Strategy<Value = Vec<u8>> {
+        (prop::collection::vec(fuzz_item(), 0..6), any::<bool>()).prop_map(|(items, quote)| {
+            let joined = items.join(&b","[..]);
+            if quote {
+                [&b"\""[..], &joined, b"\""].concat()
+            } else {
+                joined
+            }
+        })
+    }
+
+    fn fuzz_arg() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => Just(b"-o".to_vec()),
+            4 => fuzz_option_string(),
+            1 => fuzz_option_string().prop_map(|o| [&b"-o"[..], &o].concat()),
+            1 => prop::sample::select(vec![
+                "-f", "-d", "-s", "--", "-", "--debug", "demo", "status", "sync", "/m", "rel/m", "",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            2 => prop::collection::vec(fuzz_byte(), 0..16),
+        ]
+    }
+
+    /// The contents of every Rust-`Debug`-quoted string in `msg`, unescaped.
+    fn debug_strings(msg: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut chars = msg.chars();
+        while let Some(c) = chars.next() {
+            if c != '"' {
+                continue;
+            }
+            let mut s = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => match chars.next() {
+                        Some('n') => s.push('\n'),
+                        Some('r') => s.push('\r'),
+                        Some('t') => s.push('\t'),
+                        Some('0') => s.push('\0'),
+                        Some('u') => {
+                            let hex: String =
+                                chars.by_ref().skip(1).take_while(|c| *c != '}').collect();
+                            if let Some(c) =
+                                u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32)
+                            {
+                                s.push(c);
+                            }
+                        }
+                        Some(other) => s.push(other),
+                        None => {}
+                    },
+                    c => s.push(c),
+                }
+            }
+            found.push(s);
+        }
+        found
+    }
+
+    /// The printable ASCII of a text, without the quoting and escaping characters: error
+    /// messages show values unescaped, unquoted and lossily decoded, so this is what a
+    /// message and the command line it is about still have in common.
+    fn comparable(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .filter(|b| b.is_ascii() && !matches!(b, b'\\' | b'"'))
+            .map(|&b| b as char)
+            .collect()
+    }
+
+    /// Whether the usage error `msg` names something the command line `args` contains (a
+    /// quoted argument, value or name; an option name), or is one of the few messages about
+    /// something missing, and that thing is indeed missing.
+    fn names_something_from(msg: &str, args: &[OsString]) -> bool {
+        let input: Vec<String> = args.iter().map(|a| comparable(a.as_bytes())).collect();
+        let in_input = |s: &str| input.iter().any(|a| a.contains(s));
+        if debug_strings(msg)
+            .iter()
+            .any(|q| in_input(&comparable(q.as_bytes())))
+        {
+            return true;
+        }
+        if OPTIONS
+            .iter()
+            .any(|o| msg.contains(&format!("{}=", o.name)) && in_input(o.name))
+            && !msg.starts_with("missing required option")
+        {
+            return true;
+        }
+        let first = args.first().map(|a| a.to_string_lossy().into_owned());
+        if let Some(first) = first.filter(|f| ["demo", "status", "sync"].contains(&f.as_str())) {
+            return msg.starts_with(&format!("{first} "));
+        }
+        match msg {
+            "missing MOUNTPOINT" => true,
+            "missing required option lowerdir=" => !in_input("lowerdir=") || in_input("lowerdir+="),
+            "empty MOUNTPOINT argument" => args.iter().any(|a| a.is_empty()),
+            "lowerdir= and lowerdir+= cannot be mixed" => {
+                in_input("lowerdir+=") && in_input("lowerdir=")
+            }
+            m if m.starts_with("-o needs an argument") => args.last().is_some_and(|a| a == "-o"),
+            m if m.starts_with("upperdir= needs workdir=") => in_input("upperdir"),
+            m if m.starts_with("workdir= needs upperdir=") => in_input("workdir"),
+            _ => false,
+        }
+    }
+
+    /// What a successful parse must always hold, whatever the input.
+    fn mount_invariants(cfg: &MountConfig) -> Result<(), String> {
+        if cfg.lowerdirs.is_empty() {
+            return Err("no lower layer".into());
+        }
+        let all = cfg
+            .lowerdirs
+            .iter()
+            .chain(&cfg.upperdir)
+            .chain(&cfg.workdir)
+            .chain(std::iter::once(&cfg.mountpoint));
+        for p in all {
+            if !p.is_absolute() {
+                return Err(format!("{p:?} is not absolute"));
+            }
+        }
+        if cfg.upperdir.is_some() != cfg.workdir.is_some() {
+            return Err("upperdir= without workdir= or the reverse".into());
+        }
+        if cfg.threads == Some(0) {
+            return Err("threads=0".into());
+        }
+        if cfg.debug && !cfg.foreground {
+            return Err("debug without foreground".into());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_message_check_has_teeth() {
+        let args = os(&["-o", "lowerdir=/l,frob=1", "/m"]);
+        assert!(names_something_from(r#"unknown option "frob""#, &args));
+        assert!(!names_something_from(r#"unknown option "zzz""#, &args));
+        assert!(!names_something_from("something went wrong", &args));
+        assert!(!names_something_from(
+            "missing required option lowerdir=",
+            &args
+        ));
+        assert!(!names_something_from("empty MOUNTPOINT argument", &args));
+        assert!(names_something_from(
+            r#"unknown flag "-\u{1}x""#,
+            &[OsString::from("-\u{1}x")]
+        ));
+        assert_eq!(debug_strings(r#"a "b\"c" d "\\" e"#), vec!["b\"c", "\\"]);
+        let mut cfg = mount(&["-o", "lowerdir=/l", "/m"]);
+        assert!(mount_invariants(&cfg).is_ok());
+        cfg.upperdir = Some(abs("/u"));
+        assert!(mount_invariants(&cfg).is_err());
+    }
+
+    #[test]
+    fn every_real_error_message_passes_the_message_check() {
+        let cases: &[&[&str]] = &[
+            &["-x"],
+            &["/m"],
+            &["-o", "lowerdir=/l"],
+            &["-o", "lowerdir=/l,upperdir=/u", "/m"],
+            &["-o", "lowerdir=/l,workdir=/w", "/m"],
+            &["-o", "lowerdir=/l,threads=x", "/m"],
+            &["-o", "lowerdir=/l,index=on", "/m"],
+            &["-o", "lowerdir=/l,\"", "/m"],
+            &["-o", "lowerdir=/l,lowerdir+=/k", "/m"],
+            &["-o", "lowerdir=/l,uidmapping=1:2", "/m"],
+            &["-o", "lowerdir=/l,ro=1", "/m"],
+            &["-o", "lowerdir=/l,fsname=", "/m"],
+            &["-o", "lowerdir=/l", ""],
+            &["-o", "upperdir=/u,workdir=/w", "/m"],
+            &["a", "b", "c"],
+            &["/m", "-o"],
+            &["demo", "x"],
+            &["status"],
+            &["sync", "-f", "/x"],
+        ];
+        for case in cases {
+            let msg = error(case);
+            assert!(names_something_from(&msg, &os(case)), "{case:?}: {msg}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Any command line parses into a mount that holds the invariants, or fails with
+        /// a one-line message that names what it is about.
+        #[test]
+        fn any_command_line_gives_a_mount_or_a_message_naming_the_input(
+            args in prop::collection::vec(fuzz_arg(), 0..8)
+        ) {
+            let args: Vec<OsString> = args.into_iter().map(OsString::from_vec).collect();
+            match parse_args(args.clone()) {
+                Ok(Command::Mount(cfg)) => {
+                    if let Err(why) = mount_invariants(&cfg) {
+                        prop_assert!(false, "{:?} gave a bad mount ({}): {:?}", args, why, cfg);
+                    }
+                }
+                Ok(_) => {}
+                Err(UsageError(msg)) => {
+                    prop_assert!(!msg.is_empty() && !msg.contains('\n') && !msg.ends_with('.'),
+                        "badly shaped message {:?}", msg);
+                    prop_assert!(!msg.starts_with(|c: char| c.is_uppercase()), "{:?}", msg);
+                    prop_assert!(names_something_from(&msg, &args),
+                        "message {:?} names nothing from {:?}", msg, args);
+                }
+            }
+        }
+
+        /// Layer paths of arbitrary bytes, escaped, come back from `lowerdir=` unchanged.
+        #[test]
+        fn escaped_byte_paths_round_trip_through_lowerdir(
+            layers in prop::collection::vec(prop::collection::vec(1u8..=255, 1..20), 1..6)
+        ) {
+            let joined: Vec<Vec<u8>> = layers
+                .iter()
+                .map(|l| escape_option_value(OsStr::from_bytes(l)).into_vec())
+                .collect();
+            let opts = [&b"lowerdir="[..], &joined.join(&b":"[..])].concat();
+            let expected: Vec<PathBuf> = layers
+                .iter()
+                .map(|l| std::path::absolute(OsStr::from_bytes(l)).unwrap())
+                .collect();
+            match parse_args(vec!["-o".into(), OsString::from_vec(opts), "/m".into()]) {
+                Ok(Command::Mount(cfg)) => prop_assert_eq!(cfg.lowerdirs, expected),
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+
+        /// `lowerdir+=` takes each escaped path whole (colons included), in order, from one
+        /// `-o` or from several.
+        #[test]
+        fn escaped_byte_paths_round_trip_through_lowerdir_plus(
+            layers in prop::collection::vec(prop::collection::vec(1u8..=255, 1..20), 1..6),
+            one_o in any::<bool>(),
+        ) {
+            let items: Vec<Vec<u8>> = layers
+                .iter()
+                .map(|l| [&b"lowerdir+="[..], &escape_option_value(OsStr::from_bytes(l)).into_vec()].concat())
+                .collect();
+            let mut args: Vec<OsString> = Vec::new();
+            if one_o {
+                args.push("-o".into());
+                args.push(OsString::from_vec(items.join(&b","[..])));
+            } else {
+                for item in items {
+                    args.push("-o".into());
+                    args.push(OsString::from_vec(item));
+                }
+            }
+            args.push("/m".into());
+            let expected: Vec<PathBuf> = layers
+                .iter()
+                .map(|l| std::path::absolute(OsStr::from_bytes(l)).unwrap())
+                .collect();
+            match parse_args(args) {
+                Ok(Command::Mount(cfg)) => prop_assert_eq!(cfg.lowerdirs, expected),
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+
+        /// Splitting an option list over several `-o` means the same as one comma-separated
+        /// `-o`, whatever the (escaped) values.
+        #[test]
+        fn repeated_o_means_the_same_as_one_joined_o(
+            items in prop::collection::vec(
+                (prop::sample::select(vec![
+                    "lowerdir", "lowerdir+", "upperdir", "workdir", "fsname", "source",
+                    "threads", "redirect_dir", "uidmapping", "context", "subtype", "ro", "rw",
+                    "userxattr", "volatile",
+                ]), prop::option::of("\\PC{0,12}")),
+                0..8,
+            )
+        ) {
+            let items: Vec<Vec<u8>> = items
+                .iter()
+                .map(|(name, value)| match value {
+                    Some(v) => [name.as_bytes(), b"=", escape_option_value(OsStr::new(v)).as_bytes()].concat(),
+                    None => name.as_bytes().to_vec(),
+                })
+                .collect();
+            let joined = vec!["-o".into(), OsString::from_vec(items.join(&b","[..])), "/m".into()];
+            let mut split: Vec<OsString> = Vec::new();
+            for item in &items {
+                split.push("-o".into());
+                split.push(OsString::from_vec(item.clone()));
+            }
+            split.push("/m".into());
+            prop_assert_eq!(parse_args(joined), parse_args(split));
+        }
+
+        /// A text value, escaped or double-quoted, comes back unchanged.
+        #[test]
+        fn fsname_round_trips_escaped_or_quoted(name in "\\PC{1,40}") {
+            let escaped = format!("lowerdir=/l,fsname={}", escape_option_value(OsStr::new(&name)).to_string_lossy());
+            prop_assert_eq!(mount(&["-o", &escaped, "/m"]).fsname, Some(name.clone()));
+            if !name.contains(['"', '\\']) {
+                let quoted = format!("lowerdir=/l,fsname=\"{name}\"");
+                prop_assert_eq!(mount(&["-o", &quoted, "/m"]).fsname, Some(name));
+            }
+        }
+
+        /// `uidmapping=` and `gidmapping=` read back the triples they were given.
+        #[test]
+        fn id_mappings_round_trip(
+            triples in prop::collection::vec((any::<u32>(), any::<u32>(), 1u32..), 1..6)
+        ) {
+            let text: Vec<String> = triples.iter().map(|(c, h, s)| format!("{c}:{h}:{s}")).collect();
+            let cfg = mount(&["-o", &format!("lowerdir=/l,uidmapping={},gidmapping={}", text.join(":"), text.join(":")), "/m"]);
+            let expected: Vec<IdMapping> = triples
+                .iter()
+                .map(|&(container, host, size)| IdMapping { container, host, size })
+                .collect();
+            prop_assert_eq!(&cfg.uid_mappings, &expected);
+            prop_assert_eq!(&cfg.gid_mappings, &expected);
+        }
+
+        /// Any non-empty mountpoint after `--` is taken as given (made absolute).
+        #[test]
+        fn any_mountpoint_after_double_dash_is_taken_as_given(
+            mp in prop::collection::vec(1u8..=255, 1..64)
+        ) {
+            let args = vec![
+                "-o".into(),
+                "lowerdir=/l".into(),
+                "--".into(),
+                OsString::from_vec(mp.clone()),
+            ];
+            match parse_args(args) {
+                Ok(Command::Mount(cfg)) => prop_assert_eq!(
+                    cfg.mountpoint,
+                    std::path::absolute(OsStr::from_bytes(&mp)).unwrap()
+                ),
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
         }
     }
 }
