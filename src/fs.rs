@@ -85,6 +85,9 @@ struct OpenFile {
     /// Created by this open: the first fsync also flushes the parent directory, so the
     /// name is as durable as the data.
     created: std::sync::atomic::AtomicBool,
+    /// Opened for writing: a write through it may make the kernel ask us to clear set-id
+    /// bits (see `attrs::kill_setgid`).
+    writable: bool,
     /// For a read-only open of an object below the upper layer: its node, the handle it was
     /// opened from and the open flags. When the node is copied up through another descriptor,
     /// reads switch to the upper copy, as they do on the kernel overlay.
@@ -387,6 +390,14 @@ impl OverlayFs {
         Ok(open.file.read().clone())
     }
 
+    /// Whether some handle has `node` open for writing.
+    fn open_for_writing(&self, node: &Node) -> bool {
+        self.files
+            .read()
+            .values()
+            .any(|f| f.writable && f.node.id == node.id)
+    }
+
     fn open_file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
         self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
@@ -397,6 +408,7 @@ impl OverlayFs {
         file: OwnedFd,
         follows: Option<LowerOpen>,
         created: bool,
+        writable: bool,
     ) -> u64 {
         let fh = self.handle();
         let open = OpenFile {
@@ -405,6 +417,7 @@ impl OverlayFs {
             file: RwLock::new(Arc::new(file)),
             follows: Mutex::new(follows),
             created: std::sync::atomic::AtomicBool::new(created),
+            writable,
         };
         self.files.write().insert(fh, Arc::new(open));
         fh
@@ -553,14 +566,13 @@ impl fuser::Filesystem for OverlayFs {
         let result = self.node(ino).and_then(|node| {
             // Only the data up to the new size matters when truncating to zero.
             let with_data = size != Some(0);
-            let state = self.copy_up(&node, with_data)?;
             let ids = &self.settings.ids;
             let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
                 // An id no mapping covers cannot be stored, as in a user namespace.
                 Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
                 None => Ok(None),
             };
-            let change = crate::attrs::Change {
+            let mut change = crate::attrs::Change {
                 mode,
                 uid: stored(uid, &|id| ids.stored_uid(id))?,
                 gid: stored(gid, &|id| ids.stored_gid(id))?,
@@ -568,6 +580,23 @@ impl fuser::Filesystem for OverlayFs {
                 atime: atime.map(time_spec),
                 mtime: mtime.map(time_spec),
             };
+            // Decided on the object as it is, wherever it is: a refusal copies nothing up.
+            let st = sys::stat_fd(node.state().fd.as_fd()).map_err(errno)?;
+            let caller = crate::attrs::Caller {
+                uid: req.uid(),
+                gid: req.gid(),
+                pid: req.pid(),
+                presumed_privileged: req.uid() == 0 || ids.stored_uid(req.uid()) == Some(0),
+            };
+            let file = crate::attrs::Owner {
+                uid: ids.shown_uid(st.st_uid),
+                gid: ids.shown_gid(st.st_gid),
+            };
+            crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
+                self.open_for_writing(&node)
+            })
+            .map_err(errno)?;
+            let state = self.copy_up(&node, with_data)?;
             let open = match fh {
                 Some(fh) => self.file(fh).ok(),
                 None => None,
@@ -740,7 +769,7 @@ impl fuser::Filesystem for OverlayFs {
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if writing {
                 let file = self.open_for_write(&node, flags.0)?;
-                return Ok(self.register_file(node, file, None, false));
+                return Ok(self.register_file(node, file, None, false, true));
             }
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
@@ -751,7 +780,7 @@ impl fuser::Filesystem for OverlayFs {
                 source: state.fd.clone(),
                 flags: real_flags,
             });
-            Ok(self.register_file(node, file, follows, false))
+            Ok(self.register_file(node, file, follows, false, false))
         });
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), self.file_open_flags()),
@@ -782,7 +811,8 @@ impl fuser::Filesystem for OverlayFs {
                 .map_err(errno)?;
             let attr = self.remember(&dir, name, resolved)?;
             let node = self.node(attr.ino)?;
-            Ok((attr, self.register_file(node, file, None, true)))
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            Ok((attr, self.register_file(node, file, None, true, writable)))
         })();
         match result {
             Ok((attr, fh)) => reply.created(
