@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod faultrig;
+pub mod powercut;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr, OsString};
