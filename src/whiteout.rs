@@ -3,7 +3,9 @@
 //! Owns: recognising the kernel overlay format (a character device 0/0 whiteout; a directory
 //! made opaque by the `<prefix>opaque` xattr set to "y") and the AUFS format that container
 //! tools produce (`.wh.NAME` files, `.wh..wh..opq` in an opaque directory, and the AUFS
-//! private `.wh..wh.*` entries). Must never: show any of these markers to a user.
+//! private `.wh..wh.*` entries), and reading the value of a directory's `<prefix>redirect`
+//! the way the kernel validates it. Must never: show any of these markers to a user, or turn
+//! a malformed marker into a path to follow.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -42,10 +44,17 @@ pub fn is_whiteout(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 
+/// Whether a `<prefix>opaque` value makes its directory opaque: exactly "y", as the kernel
+/// reads it (one byte; anything longer, empty, or another letter — "x" marks a directory
+/// holding xattr whiteouts — is not opaque).
+pub fn is_opaque_value(value: &[u8]) -> bool {
+    value == b"y"
+}
+
 /// Whether `dir` (a handle on a directory in some layer) hides the layers below it;
 /// `opaque_xattr` is the mount's `<prefix>opaque`.
 pub fn is_opaque(dir: BorrowedFd<'_>, opaque_xattr: &CStr) -> io::Result<bool> {
-    if sys::get_xattr(dir, opaque_xattr)?.is_some_and(|v| v == b"y") {
+    if sys::get_xattr(dir, opaque_xattr)?.is_some_and(|v| is_opaque_value(&v)) {
         return Ok(true);
     }
     Ok(sys::stat_at(dir, AUFS_OPAQUE)?.is_some())
@@ -63,9 +72,58 @@ pub fn has_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> 
     Ok(sys::stat_at(dir, &marker)?.is_some())
 }
 
+/// Where a directory's `<prefix>redirect` says its lower parts are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redirect {
+    /// A bare name: the directory was renamed within its parent.
+    InParent(CString),
+    /// A path from the layer roots, one component each (never empty).
+    FromRoot(Vec<CString>),
+}
+
+/// Why a redirect value cannot be followed; the lookup answers EIO and logs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedRedirect(pub &'static str);
+
+impl std::fmt::Display for MalformedRedirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Reads a `<prefix>redirect` value with the kernel's rules (`ovl_get_redirect_xattr`): the
+/// value is a C string (it ends at the first NUL); it must not be empty; an absolute path
+/// (leading `/`) must have no empty component (no `//`, no trailing `/`, not `/` alone); a
+/// relative one is a single name. The kernel lets `.` and `..` through and then fails the
+/// lookup with EACCES; they are refused here, so no redirect ever leaves a layer root.
+/// A component longer than NAME_MAX is not refused: like the kernel, the lookup finds
+/// nothing there (ENAMETOOLONG means "not in this layer").
+pub fn parse_redirect(value: &[u8]) -> Result<Redirect, MalformedRedirect> {
+    let value = value.split(|b| *b == 0).next().unwrap_or_default();
+    let component = |c: &[u8]| -> Result<CString, MalformedRedirect> {
+        match c {
+            b"" => Err(MalformedRedirect("empty path component")),
+            b"." | b".." => Err(MalformedRedirect("'.' or '..' component")),
+            // No NUL is left after the split above.
+            c => CString::new(c).map_err(|_| MalformedRedirect("NUL in a component")),
+        }
+    };
+    match value {
+        b"" => Err(MalformedRedirect("empty value")),
+        [b'/', path @ ..] => Ok(Redirect::FromRoot(
+            path.split(|b| *b == b'/')
+                .map(component)
+                .collect::<Result<_, _>>()?,
+        )),
+        name if name.contains(&b'/') => Err(MalformedRedirect("relative path with '/'")),
+        name => Ok(Redirect::InParent(component(name)?)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn aufs_names_are_classified() {
@@ -78,5 +136,161 @@ mod tests {
         assert_eq!(classify(OsStr::new(".wh..wh.plnk")), NameKind::AufsPrivate);
         assert_eq!(classify(OsStr::new(".wh.")), NameKind::AufsPrivate);
         assert_eq!(classify(OsStr::new(".whx")), NameKind::Visible);
+    }
+
+    /// A transcription of the kernel's checks (`ovl_get_redirect_xattr`, then the lookup of
+    /// each component, which refuses `.` and `..`): `true` when the kernel follows `value`.
+    fn kernel_follows(value: &[u8]) -> bool {
+        let buf: Vec<u8> = value.iter().copied().take_while(|b| *b != 0).collect();
+        if buf.is_empty() {
+            return false;
+        }
+        let valid = if buf[0] == b'/' {
+            // for (s = buf; *s++ == '/'; s = next) { next = strchrnul(s, '/'); if (s == next) invalid; }
+            let mut s = 0;
+            loop {
+                let at = buf.get(s).copied();
+                s += 1;
+                if at != Some(b'/') {
+                    break true;
+                }
+                let next = buf[s..]
+                    .iter()
+                    .position(|b| *b == b'/')
+                    .map_or(buf.len(), |i| s + i);
+                if s == next {
+                    break false;
+                }
+                s = next;
+            }
+        } else {
+            !buf.contains(&b'/')
+        };
+        valid && buf.split(|b| *b == b'/').all(|c| c != b"." && c != b"..")
+    }
+
+    fn redirect_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            4 => prop::sample::select(b"/./a".to_vec()),
+            1 => Just(0u8),
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn component() -> impl Strategy<Value = Vec<u8>> {
+        // Any byte but NUL and '/'.
+        prop::collection::vec(prop_oneof![1u8..=46, 48u8..=255], 1..300)
+            .prop_filter("a real name", |c| c != b"." && c != b"..")
+    }
+
+    #[test]
+    fn the_kernel_model_has_teeth() {
+        assert!(kernel_follows(b"/a/b"));
+        assert!(kernel_follows(b"a"));
+        assert!(kernel_follows(b"a\0/x"));
+        for bad in [
+            &b""[..],
+            b"/",
+            b"//a",
+            b"/a/",
+            b"a/b",
+            b"..",
+            b"/a/../b",
+            b"\0a",
+        ] {
+            assert!(!kernel_follows(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_redirects_are_named() {
+        assert_eq!(
+            parse_redirect(b"/a//b"),
+            Err(MalformedRedirect("empty path component"))
+        );
+        assert_eq!(parse_redirect(b""), Err(MalformedRedirect("empty value")));
+        assert_eq!(
+            parse_redirect(b"x/y").unwrap_err().to_string(),
+            "relative path with '/'"
+        );
+        assert_eq!(
+            parse_redirect(b"/a/b\0junk"),
+            Ok(Redirect::FromRoot(vec![c"a".into(), c"b".into()]))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: if std::env::var_os("OVLFUSE_FULL").is_some() { 50_000 } else { 2_000 },
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Any value: the parser follows exactly what the kernel follows, and what it
+        /// returns is only ever single, real names.
+        #[test]
+        fn redirects_are_followed_exactly_when_the_kernel_follows_them(
+            value in prop_oneof![
+                prop::collection::vec(redirect_byte(), 0..12),
+                prop::collection::vec(any::<u8>(), 0..70_000),
+            ]
+        ) {
+            let parsed = parse_redirect(&value);
+            prop_assert_eq!(parsed.is_ok(), kernel_follows(&value), "{:?}", parsed);
+            let names = match parsed {
+                Ok(Redirect::InParent(n)) => vec![n],
+                Ok(Redirect::FromRoot(p)) => {
+                    prop_assert!(!p.is_empty());
+                    p
+                }
+                Err(_) => Vec::new(),
+            };
+            for n in names {
+                let b = n.as_bytes();
+                prop_assert!(!b.is_empty() && !b.contains(&b'/') && b != b"." && b != b"..");
+            }
+        }
+
+        /// A path written the way the kernel writes redirects reads back as itself.
+        #[test]
+        fn written_redirects_read_back(path in prop::collection::vec(component(), 1..5)) {
+            let absolute = [&b"/"[..], &path.join(&b"/"[..])].concat();
+            let expected: Vec<CString> = path.iter().map(|c| CString::new(c.clone()).unwrap()).collect();
+            prop_assert_eq!(parse_redirect(&absolute), Ok(Redirect::FromRoot(expected.clone())));
+            prop_assert_eq!(parse_redirect(&path[0]), Ok(Redirect::InParent(expected[0].clone())));
+        }
+
+        /// Only the exact value "y" makes a directory opaque, as the kernel reads it (a
+        /// one-byte read that must return 'y').
+        #[test]
+        fn only_y_is_opaque(value in prop_oneof![
+            prop::collection::vec(prop::sample::select(b"yYx\0n".to_vec()), 0..3),
+            prop::collection::vec(any::<u8>(), 0..4),
+        ]) {
+            prop_assert_eq!(is_opaque_value(&value), value.len() == 1 && value[0] == b'y');
+        }
+
+        /// Every name is exactly one of: visible, `.wh.` + the (non-empty) name it hides,
+        /// or an AUFS private entry; and a name never hides itself.
+        #[test]
+        fn names_classify_consistently(name in prop_oneof![
+            prop::collection::vec(prop::sample::select(b".wh".to_vec()), 0..12),
+            prop::collection::vec(1u8..=255, 0..256),
+        ]) {
+            let os = OsStr::from_bytes(&name);
+            match classify(os) {
+                NameKind::Visible => prop_assert!(!name.starts_with(AUFS_PREFIX)),
+                NameKind::AufsWhiteout(target) => {
+                    prop_assert_eq!([AUFS_PREFIX, target].concat(), name.clone());
+                    prop_assert!(!target.is_empty() && !target.starts_with(AUFS_PREFIX));
+                    prop_assert_ne!(target, &name[..]);
+                }
+                NameKind::AufsPrivate => {
+                    prop_assert!(name.starts_with(AUFS_PREFIX));
+                    let rest = &name[AUFS_PREFIX.len()..];
+                    prop_assert!(rest.is_empty() || rest.starts_with(AUFS_PREFIX));
+                }
+            }
+        }
     }
 }

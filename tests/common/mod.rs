@@ -10,6 +10,7 @@
 //! tests themselves.
 #![allow(dead_code)]
 
+pub mod bad_input;
 pub mod faultrig;
 pub mod powercut;
 
