@@ -516,6 +516,12 @@ impl Shared {
                     }
                     continue;
                 }
+                // fuser's workers closed their end with requests still unread (they leave on
+                // DESTROY or ENODEV without draining): the same as an orderly close.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    log::debug!("relay: fuser closed its end of the socket");
+                    return;
+                }
                 Err(e) => {
                     log::error!("relay: receiving replies from fuser failed: {e}; stopping");
                     return;
