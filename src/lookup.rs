@@ -95,26 +95,19 @@ fn redirect_of(stack: &LayerStack, dir: &OwnedFd) -> io::Result<Option<Target>> 
     let Some(value) = sys::get_xattr(dir.as_fd(), &stack.private.redirect)? else {
         return Ok(None);
     };
-    let bad = || {
-        log::warn!(
-            "ignoring directory with a malformed {}redirect value {:?}",
-            stack.xattr_prefix,
-            String::from_utf8_lossy(&value)
-        );
-        io::Error::from_raw_os_error(libc::EIO)
-    };
-    match value.strip_prefix(b"/") {
-        Some(path) => {
-            let parts = path
-                .split(|b| *b == b'/')
-                .filter(|c| !c.is_empty())
-                .map(|c| sys::component(OsStr::from_bytes(c)).map_err(|_| bad()))
-                .collect::<io::Result<Vec<_>>>()?;
-            Ok(Some(Target::FromRoot(parts)))
+    // The kernel's rules (whiteout::parse_redirect): a value it would refuse makes the
+    // directory unusable, as on the kernel overlay.
+    match whiteout::parse_redirect(&value) {
+        Ok(whiteout::Redirect::InParent(name)) => Ok(Some(Target::InParent(name))),
+        Ok(whiteout::Redirect::FromRoot(path)) => Ok(Some(Target::FromRoot(path))),
+        Err(why) => {
+            log::warn!(
+                "ignoring directory with a malformed {}redirect value {:?}: {why}",
+                stack.xattr_prefix,
+                String::from_utf8_lossy(&value)
+            );
+            Err(io::Error::from_raw_os_error(libc::EIO))
         }
-        None => Ok(Some(Target::InParent(
-            sys::component(OsStr::from_bytes(&value)).map_err(|_| bad())?,
-        ))),
     }
 }
 
@@ -134,12 +127,19 @@ pub fn resolve(
     };
     let mut target = Target::InParent(sys::component(name)?);
     let mut found: Option<Resolved> = None;
+    let mut redirected = false;
     for layer in first.layer..stack.layers.len() as LayerIndex {
         // Without a redirect, only the layers the parent merges can hold the name.
         if matches!(target, Target::InParent(_)) && layer > bottom.layer {
             break;
         }
-        if let Some(fd) = candidate(stack, parent, layer, &target)? {
+        let found_here = match candidate(stack, parent, layer, &target) {
+            // A redirect naming something no layer can hold leads nowhere (the kernel's
+            // rule); the looked-up name itself being too long stays ENAMETOOLONG.
+            Err(e) if redirected && e.raw_os_error() == Some(libc::ENAMETOOLONG) => None,
+            other => other?,
+        };
+        if let Some(fd) = found_here {
             let st = sys::stat_fd(fd.as_fd())?;
             if whiteout::is_whiteout(&st) {
                 break;
@@ -177,10 +177,19 @@ pub fn resolve(
             if whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)? {
                 break;
             }
+            // Like the kernel (ovl_lookup's d.last): a lower directory's redirect is not read
+            // where no layer below it would be searched; the upper's always is.
+            let searched_below = (layer == 0 && stack.has_upper())
+                || match &target {
+                    Target::InParent(_) => layer < bottom.layer,
+                    Target::FromRoot(_) => (layer as usize) + 1 < stack.layers.len(),
+                };
             if stack.follow_redirects
+                && searched_below
                 && let Some(redirect) = redirect_of(stack, &fd)?
             {
                 target = redirect;
+                redirected = true;
             }
         }
         // An AUFS whiteout next to (or instead of) the name hides the layers below this one.

@@ -424,10 +424,12 @@ pub fn chown_at(
     })
 }
 
-/// Only called on objects this module just created as non-symlinks in the work directory.
+/// `chmod` of `name` in `dir`, never following a symlink: fchmodat follows one, so an object
+/// swapped for a symlink right after the daemon created it (by anyone who can write the
+/// layer) would have let the daemon chmod something outside the layers. A symlink gives ELOOP.
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: valid fd and name.
-    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) })
+    let fd = open_path_at(dir, name)?;
+    chmod_fd(fd.as_fd(), mode)
 }
 
 pub fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()> {
@@ -670,4 +672,44 @@ pub fn fallocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: valid fd.
     check(unsafe { libc::fallocate(fd.as_raw_fd(), 0, offset, len) })
+}
+
+/// `chmod` of the object behind a held handle (an `O_PATH` one too); ELOOP for a symlink,
+/// whose mode means nothing.
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+    if stat_fd(fd)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    let path = proc_fd_path(fd);
+    // SAFETY: valid path; the magic link resolves to the handle's own inode.
+    check(unsafe { libc::chmod(path.as_ptr(), mode) })
+}
+
+#[cfg(test)]
+mod chmod_nofollow_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn chmod_nofollow_changes_the_object_and_refuses_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"x").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let layer = tmp.path().join("layer");
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::write(layer.join("file"), b"y").unwrap();
+        std::os::unix::fs::symlink(&outside, layer.join("link")).unwrap();
+        let dir = open_dir_path(&layer).unwrap();
+        chmod_at(dir.as_fd(), c"file", 0o4751).unwrap();
+        let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&layer.join("file")) & 0o7777, 0o4751);
+        let err = chmod_at(dir.as_fd(), c"link", 0o777).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(
+            mode(&outside) & 0o7777,
+            0o600,
+            "the link's target was changed"
+        );
+    }
 }

@@ -10,7 +10,7 @@ found=0
 
 # /proc/mounts: "source mountpoint fstype options 0 0"; the mountpoint has
 # spaces etc. escaped as \040, which is fine for a prefix match.
-mounts=$(awk '($3 == "fuse.ovlfuse" || $3 == "fuseblk.ovlfuse" || $3 == "fuse.ovlfuse-eio-rig" || $3 == "fuse.fuse-overlayfs" || $3 == "overlay") && $2 ~ /^\/tmp\// { print "  " $3 " on " $2 }' /proc/mounts)
+mounts=$(awk '($3 == "fuse.ovlfuse" || $3 == "fuseblk.ovlfuse" || $3 == "fuse.ovlfuse-eio-rig" || $3 == "fuse.ovlfuse-tripwire" || $3 == "fuse.fuse-overlayfs" || $3 == "overlay") && $2 ~ /^\/tmp\// { print "  " $3 " on " $2 }' /proc/mounts)
 if [ -n "$mounts" ]; then
     echo "leftover mounts under /tmp:"
     echo "$mounts"

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod bad_input;
+pub mod canary_watch;
 pub mod faultrig;
 pub mod powercut;
 
