@@ -126,6 +126,7 @@ impl Union {
             return Ok(state);
         }
         self.require_upper()?;
+        self.copy_up_ancestors(&state)?;
         let _serialised = node.copy_up.lock();
         let state = node.state();
         if self.is_upper(&state) {
@@ -173,6 +174,28 @@ impl Union {
     }
 
     /// The upper directory of `dir`, copying it up first if needed.
+    /// Copies up the directories above `state` that are not in the upper layer yet, top
+    /// down, so each one's parent is already there: a lower-only chain thousands of levels
+    /// deep then costs a loop, not a recursion as deep as the chain (which overflowed a
+    /// worker's stack at about 4,000 levels; the kernel overlay copies up 10,000 fine).
+    fn copy_up_ancestors(&self, state: &NodeState) -> io::Result<()> {
+        let mut missing = Vec::new();
+        let mut parent_id = state.parent;
+        loop {
+            let parent = self.node(parent_id)?;
+            let parent_state = parent.state();
+            if self.is_upper(&parent_state) {
+                break;
+            }
+            parent_id = parent_state.parent;
+            missing.push(parent);
+        }
+        for dir in missing.iter().rev() {
+            self.copy_up(dir, false)?;
+        }
+        Ok(())
+    }
+
     pub fn upper_dir(&self, dir: &Node) -> io::Result<Arc<OwnedFd>> {
         if !dir.is_dir() {
             return Err(err(libc::ENOTDIR));
