@@ -47,8 +47,8 @@ pub struct FsSettings {
     /// union, which tells the kernel itself (a copy-up keeps the inode number and the
     /// attributes), so they may be cached much longer.
     pub lower_ttl: Duration,
-    /// Let the kernel keep file pages and directory listings across opens (`FOPEN_KEEP_CACHE`,
-    /// `FOPEN_CACHE_DIR`): every change goes through the union, which keeps them coherent.
+    /// Let the kernel keep file pages across opens (`FOPEN_KEEP_CACHE`): every change goes
+    /// through the union, which keeps them coherent.
     /// Off for volatile mounts, so that a poisoned mount's refusals are not hidden by caches.
     pub cache: bool,
     /// Largest WRITE the transport can carry, when something smaller than fuser's default
@@ -952,16 +952,10 @@ impl fuser::Filesystem for OverlayFs {
             Ok(fh)
         });
         match result {
-            Ok(fh) => {
-                // The kernel keeps the listing until the directory changes through the union
-                // (it bumps the directory's version on every create, unlink and rename).
-                let flags = if self.settings.cache {
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
-            }
+            // No FOPEN_CACHE_DIR: the kernel's listing cache takes offsets as stable across
+            // opens, but each open here serves its own snapshot, and under concurrent changes
+            // the mix showed names twice (tests/concurrency.rs).
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }

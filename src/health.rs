@@ -39,6 +39,8 @@ use crate::sys;
 /// How often the checker looks at the upper files written since their last check (plain
 /// `fuse` mounts and volatile mounts; a `fuseblk` mount checks at each syncfs instead).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The checker looks at the watched files early each time this many more were added.
+const SCAN_EARLY_EVERY: usize = 64;
 /// How long an `fsync` that failed waits for its error to reach the union's superblock
 /// before answering, so a `syncfs` right after it reports the error too.
 const INJECTION_WAIT: Duration = Duration::from_secs(5);
@@ -202,7 +204,13 @@ impl Health {
         if !self.periodic() || node.watched.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.watch.lock().push(Arc::clone(node));
+        let mut watch = self.watch.lock();
+        watch.push(Arc::clone(node));
+        // Each watched node keeps its layer descriptor alive: a fast create/remove load must
+        // not wait for the next tick to let go of the removed ones.
+        if watch.len() % SCAN_EARLY_EVERY == 0 {
+            let _ = self.events.send(Event::ScanNow(None));
+        }
     }
 
     /// An upper operation failed with `errno`. EIO, ENOSPC and EDQUOT can mean the upper
@@ -475,6 +483,9 @@ fn check_file(node: &Node) -> (Option<i32>, bool) {
         return (None, true);
     };
     let error = wait_for_writeback(&fd).err();
+    // An unlinked file has no data anyone can read back: stop watching it (a create-and-
+    // remove load would otherwise keep thousands of nodes, and their descriptors, alive).
+    let unlinked = sys::stat_fd(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0);
     if let Some(e) = error {
         log::error!(
             "writeback of an upper file (inode {}) failed: {}",
@@ -483,7 +494,7 @@ fn check_file(node: &Node) -> (Option<i32>, bool) {
         );
         node.wb_err.set(e);
     }
-    (error, nothing_to_write_back(&fd))
+    (error, unlinked || nothing_to_write_back(&fd))
 }
 
 fn syncfs(fd: &OwnedFd) -> Result<(), i32> {

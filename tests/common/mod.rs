@@ -13,6 +13,7 @@
 pub mod bad_input;
 pub mod canary_watch;
 pub mod faultrig;
+pub mod load;
 pub mod powercut;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
