@@ -208,7 +208,7 @@ impl Health {
         watch.push(Arc::clone(node));
         // Each watched node keeps its layer descriptor alive: a fast create/remove load must
         // not wait for the next tick to let go of the removed ones.
-        if watch.len() % SCAN_EARLY_EVERY == 0 {
+        if watch.len().is_multiple_of(SCAN_EARLY_EVERY) {
             let _ = self.events.send(Event::ScanNow(None));
         }
     }
