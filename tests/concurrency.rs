@@ -123,10 +123,6 @@ fn parse_record(b: &[u8]) -> Result<(u64, u64), String> {
 
 const HAMMER_THREADS: usize = 8;
 
-/// Known bug (fs.rs opendir/readdir): with `FOPEN_CACHE_DIR`, listings taken while names
-/// change can show a name twice. While true, the hammer counts such listings instead of
-/// failing; `concurrent_listings_show_each_name_once_while_names_change` (ignored) pins it.
-const KNOWN_BUG_READDIR_DUPLICATES: bool = true;
 /// Copy-up targets: lower files every thread opens for writing at once.
 const CU_FILES: usize = 4;
 const BLOCK: usize = 4096;
@@ -222,8 +218,6 @@ struct HammerOut {
     slots: [[Option<u64>; SLOTS]; CU_FILES],
     /// Operations that failed with an allowed errno (contention).
     refused: u64,
-    /// Listings that showed a name twice (see [`KNOWN_BUG_READDIR_DUPLICATES`]).
-    dup_listings: u64,
 }
 
 fn hammer_thread(root: &Path, tid: usize, seed: u64, until: Instant, p: &Progress) -> HammerOut {
@@ -316,27 +310,29 @@ fn hammer_thread(root: &Path, tid: usize, seed: u64, until: Instant, p: &Progres
                     shared(&mut r)
                 };
                 p.doing(tid, format!("readdir {d}"));
-                let res = readdir_raw(&root.join(&d)).and_then(|raw| {
-                    let mut bad = readdir_problems(&raw);
-                    if KNOWN_BUG_READDIR_DUPLICATES && bad.iter().all(|b| b.contains(" appears ")) {
-                        out.dup_listings += !bad.is_empty() as u64;
-                        bad.clear();
-                    }
-                    bad.extend(
-                        raw.iter()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .filter(|n| {
+                let res =
+                    readdir_raw(&root.join(&d)).and_then(|raw| {
+                        // A directory removed while it is listed reads as empty, without
+                        // even "." and ".." (getdents says ENOENT, which libc takes as the
+                        // end), on every filesystem.
+                        let mut bad = if raw.is_empty() {
+                            Vec::new()
+                        } else {
+                            readdir_problems(&raw)
+                        };
+                        bad.extend(raw.iter().map(|n| n.to_string_lossy().into_owned()).filter(
+                            |n| {
                                 n.starts_with(".wh.")
                                     || n.starts_with("#ovlfuse")
                                     || n.contains("overlay")
-                            }),
-                    );
-                    if bad.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(io::Error::other(format!("listing problems {bad:?}")))
-                    }
-                });
+                            },
+                        ));
+                        if bad.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(io::Error::other(format!("listing problems {bad:?}")))
+                        }
+                    });
                 (
                     format!("readdir {d}"),
                     res,
@@ -482,12 +478,12 @@ fn hammer(transport: &str, label: &str) {
     })
     .unwrap_or_else(|e| panic!("{label} (OVLFUSE_SEED={seed:#x}): {e}"));
     let errors: Vec<String> = outs.iter().flat_map(|o| o.errors.clone()).collect();
-    let (ops, refused, dups): (u64, u64, u64) = outs.iter().fold((0, 0, 0), |(a, b, c), o| {
-        (a + o.ops, b + o.refused, c + o.dup_listings)
-    });
+    let (ops, refused): (u64, u64) = outs
+        .iter()
+        .fold((0, 0), |(a, b), o| (a + o.ops, b + o.refused));
     eprintln!(
         "{label}: {HAMMER_THREADS} threads, {ops} ops in {secs:?} ({refused} refused by \
-         contention: ENOENT, EEXIST, ...; {dups} listings with a name twice: known bug)"
+         contention: ENOENT, EEXIST, ...)"
     );
     assert!(
         errors.is_empty(),
@@ -556,13 +552,10 @@ fn eight_threads_on_shared_names_and_lower_files_fuse() {
 /// names in it show every name at most once, as on the kernel overlay (whose merged-dir
 /// cache is one consistent list per directory version).
 ///
-/// ovlfuse takes a snapshot per opendir and numbers entries by position in it, and answers
-/// opendir with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`. The kernel's listing cache belongs to
-/// the directory inode and is filled by whichever open stream reaches its end: one stream
-/// fills the first entries from its snapshot, a second stream opened after a change
-/// appends the rest from a different snapshot, and every reader served from that cache
-/// sees some names twice and misses others. With caching off (`-o volatile`) the same load
-/// shows no duplicate.
+/// Regression: ovlfuse takes a snapshot per opendir and numbers entries by position in it;
+/// it used to answer opendir with `FOPEN_CACHE_DIR`, whose cache belongs to the directory
+/// inode and is filled by whichever open stream reaches its end, so one stream's first
+/// entries and another's (taken after a change) got mixed: names twice, others missing.
 #[test]
 fn concurrent_listings_show_each_name_once_while_names_change() {
     let label = "concurrent_listings";
@@ -1431,15 +1424,6 @@ fn settled_sample(pid: i32) -> DaemonSample {
     last
 }
 
-/// Known bug (health.rs): on plain fuse the health checker keeps every file written through
-/// the union (its node, and so a descriptor) until the upper filesystem has written it
-/// back, ~30 s later, even once it is unlinked and forgotten by the kernel: a load that
-/// writes files faster than RLIMIT_NOFILE / 30 s runs the daemon out of descriptors, and
-/// operations fail with EMFILE. While true, the plain-fuse load flushes the upper layer
-/// after each round; `creating_and_removing_files_faster_than_writeback_...` (ignored)
-/// pins the bug.
-const KNOWN_BUG_WATCHED_FILES_HOLD_DESCRIPTORS: bool = true;
-
 fn resources(transport: &str, label: &str) {
     let secs = load_secs(5, 60);
     let s = Scratch::new();
@@ -1482,8 +1466,6 @@ fn resources(transport: &str, label: &str) {
         })
     };
     let load_root = root.clone();
-    let drain = (KNOWN_BUG_WATCHED_FILES_HOLD_DESCRIPTORS && transport.contains("nofuseblk"))
-        .then(|| l.upper.clone().expect("upper"));
     let outs = run_watched(4, Some(pid), STALL, move |i, p| -> Result<u64, String> {
         let mut n = 0u64;
         let mut round = 0;
@@ -1515,13 +1497,6 @@ fn resources(transport: &str, label: &str) {
                 fs::remove_file(dir.join(format!("f{f}"))).map_err(|x| e("unlink", x))?;
             }
             fs::remove_dir(&dir).map_err(|x| e("rmdir", x))?;
-            if let Some(upper) = &drain {
-                // Write the upper layer back, so the plain-fuse health checker lets go of
-                // the files this round wrote (see KNOWN_BUG_WATCHED_FILES_HOLD_DESCRIPTORS).
-                let f = File::open(upper).map_err(|x| e("open upper", x))?;
-                // SAFETY: valid descriptor.
-                unsafe { libc::syncfs(f.as_raw_fd()) };
-            }
             n += 1;
             round += 1;
             p.tick(i);
@@ -1598,10 +1573,10 @@ fn daemon_memory_and_descriptors_return_to_baseline_after_load_fuse() {
 /// 150 files created, written, read and removed must all succeed (the kernel holds at most
 /// one round's files at a time).
 ///
-/// On plain fuse the health checker keeps each written file's node (and its descriptor)
-/// until the upper filesystem has written the file back (dirty pages expire after ~30 s),
-/// even after it is unlinked and the kernel has forgotten it: after about 240 files the
-/// daemon answers EMFILE. fuseblk, where the checker does not run, passes.
+/// Regression: on plain fuse the health checker kept each written file's node (and its
+/// descriptor) until the upper filesystem had written the file back (~30 s), even once it
+/// was unlinked and forgotten by the kernel, so after about 240 files the daemon answered
+/// EMFILE.
 #[test]
 fn creating_and_removing_files_faster_than_writeback_never_runs_the_daemon_out_of_descriptors() {
     let mut problems = Vec::new();
