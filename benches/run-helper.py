@@ -645,6 +645,7 @@ def cmd_report(raw, results):
     print(term_table(rhead, rrows))
     print("\ndaemon CPU seconds during the workload (median) and peak RSS of the mount")
     print(term_table(chead, crows))
+    print(f"\nload average: {E['BENCH_LOAD_NOTE']}")
     memtxt = mem_report(mem)
     print("\n" + memtxt)
     if results == "-":
@@ -678,8 +679,8 @@ def cmd_report(raw, results):
 ## Machine and parameters
 
 - kernel `{E['BENCH_KERNEL']}`, {E['BENCH_NCPU']} CPUs ({E['BENCH_CPU_MODEL']}), {E['BENCH_MEM']} memory
-- load average {E['BENCH_LOAD_START']} at the start, {E['BENCH_LOAD_END']} at the end; the run took {E['BENCH_ELAPSED']}
-- ovlfuse at `{E['BENCH_COMMIT']}`{E['BENCH_DIRTY_NOTE']}; fuse-overlayfs {E['BENCH_FO1_VERSION']}; fio {E['BENCH_FIO_VERSION']}
+- load average: {E['BENCH_LOAD_NOTE']}; the rounds took {E['BENCH_ELAPSED']}
+- ovlfuse at `{E['BENCH_COMMIT']}`{E['BENCH_DIRTY_NOTE']} ({E['BENCH_BINARY_NOTE']}); fuse-overlayfs {E['BENCH_FO1_VERSION']}; fio {E['BENCH_FIO_VERSION']}
 - mode: {E['BENCH_MODE']}; {E['BENCH_ROUNDS']} round(s); subjects interleaved workload by workload, the order rotating every round
 - layers and native tree on one ext4 filesystem of the script's own: {E['BENCH_IMAGE_NOTE']}
 - lower layer: copy of `{E['BENCH_LOWER_SRC']}` plus the workload inputs and a python3 runtime: {E['BENCH_ENTRIES']} entries (as `find` counts them, the root included), {E['BENCH_LOWER_MIB']} MiB
