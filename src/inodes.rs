@@ -87,6 +87,18 @@ impl Node {
         s.parent = parent;
         s.name = name;
     }
+
+    /// The kernel looked the node up in `parent` under `name` (a lower hard link has
+    /// several such places): later copy-ups put it there.
+    fn found_at(&self, parent: u64, name: &std::ffi::OsStr) {
+        let same = {
+            let s = self.state.read();
+            s.parent == parent && s.name == name
+        };
+        if !same {
+            self.moved(parent, name.to_owned());
+        }
+    }
 }
 
 fn state_of(resolved: Resolved, parent: u64, name: OsString) -> NodeState {
@@ -161,12 +173,19 @@ impl InodeTable {
     }
 
     /// Records one kernel lookup of `resolved`, found in directory `parent` under `name`,
-    /// returning its node (the existing one if the object is already known).
+    /// returning its node (the existing one if the object is already known). A known node
+    /// now stands at that name: the names of a lower hard link are one node, and a copy-up
+    /// must put the copy under the name being written through, which is the one the kernel
+    /// looked up last (it cannot say which when it opens the node). Keeping the first name
+    /// would copy up the other name on a write through the second: after a remount the
+    /// written name would have lost the data, and the other would show it.
     pub fn lookup(&self, parent: u64, name: &std::ffi::OsStr, resolved: Resolved) -> Arc<Node> {
         let id = self.id_of((resolved.stat.st_dev, resolved.stat.st_ino));
-        if let Some(node) = self.nodes.read().get(&id) {
+        let known = self.nodes.read().get(&id).cloned();
+        if let Some(node) = known {
             node.lookups.fetch_add(1, Ordering::Relaxed);
-            return node.clone();
+            node.found_at(parent, name);
+            return node;
         }
         let mut nodes = self.nodes.write();
         // Another thread may have inserted it between the two locks.
@@ -183,7 +202,10 @@ impl InodeTable {
             })
         });
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        node.clone()
+        let node = node.clone();
+        drop(nodes);
+        node.found_at(parent, name);
+        node
     }
 
     /// `node`, which stood for the object `from`, was copied up to the object `to`: `to`
@@ -274,6 +296,33 @@ impl InoSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolved(path: &str) -> Resolved {
+        let fd = crate::sys::open_dir_path(std::path::Path::new(path)).expect("open");
+        let stat = crate::sys::stat_fd(std::os::fd::AsFd::as_fd(&fd)).expect("stat");
+        Resolved {
+            layer: 0,
+            fd: Arc::new(fd),
+            stat,
+            merged: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_known_object_looked_up_elsewhere_stands_at_its_last_name() {
+        let table = InodeTable::new(resolved("/"));
+        // Two lookups of one object (as the two names of a hard link resolve).
+        let first = table.lookup(ROOT_ID, "a".as_ref(), resolved("/tmp"));
+        let again = table.lookup(7, "b".as_ref(), resolved("/tmp"));
+        assert!(Arc::ptr_eq(&first, &again), "one object, one node");
+        let state = first.state();
+        assert_eq!((state.parent, state.name.as_os_str()), (7, "b".as_ref()));
+        // Both lookups count: one forget leaves the node, the second removes it.
+        table.forget(first.id, 1);
+        assert!(table.get(first.id).is_some());
+        table.forget(first.id, 1);
+        assert!(table.get(first.id).is_none());
+    }
 
     #[test]
     fn inode_numbers_are_unique_across_filesystems_and_stable() {
