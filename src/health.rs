@@ -498,12 +498,7 @@ fn check_file(node: &Node) -> (Option<i32>, bool) {
 }
 
 fn syncfs(fd: &OwnedFd) -> Result<(), i32> {
-    // SAFETY: valid descriptor.
-    if unsafe { libc::syncfs(fd.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(last_errno())
-    }
+    sys::syncfs(fd.as_fd()).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Waits for writeback already under way and reports (once per descriptor) an error of it,
