@@ -28,6 +28,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::canary::{CANARY_FH, CANARY_ID, CANARY_SIZE, Canary};
 use crate::errseq::Cursor;
+use crate::handles::ObjRef;
 use crate::health::{Health, Mode};
 use crate::idmap::IdMap;
 use crate::inodes::{Node, ROOT_ID};
@@ -72,7 +73,7 @@ struct DirStream {
 /// and the open flags.
 struct LowerOpen {
     node: Arc<Node>,
-    source: Arc<OwnedFd>,
+    source: ObjRef,
     flags: i32,
 }
 
@@ -218,7 +219,10 @@ impl OverlayFs {
         if !(self.union.stack.has_upper() && state.layer == 0) {
             return None;
         }
-        sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+        state
+            .obj
+            .fd()
+            .and_then(|fd| sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY))
             .and_then(|dir| sys::sync_fd(dir.as_fd(), false))
             .err()
             .map(|e| e.raw_os_error().unwrap_or(libc::EIO))
@@ -270,7 +274,7 @@ impl OverlayFs {
 
     fn attr(&self, node: &Node) -> Result<FileAttr, Errno> {
         let state = node.state();
-        let st = sys::stat_fd(state.fd.as_fd()).map_err(errno)?;
+        let st = sys::stat_fd(state.obj.fd()?.as_fd()).map_err(errno)?;
         // Like the kernel overlay: the link count of a merged directory cannot be known
         // without counting subdirectories in every layer; 1 tells `find` not to rely on it.
         let nlink = if state.merged.len() > 1 {
@@ -380,8 +384,8 @@ impl OverlayFs {
         let mut follows = open.follows.lock();
         if let Some(lower) = follows.as_ref() {
             let state = lower.node.state();
-            if !Arc::ptr_eq(&state.fd, &lower.source) {
-                let upper = sys::reopen(state.fd.as_fd(), lower.flags).map_err(errno)?;
+            if !ObjRef::same(&state.obj, &lower.source) {
+                let upper = state.obj.reopen(lower.flags).map_err(errno)?;
                 *open.file.write() = Arc::new(upper);
                 *follows = None;
             }
@@ -427,7 +431,7 @@ impl OverlayFs {
     fn open_for_write(&self, node: &Node, flags: i32) -> Result<OwnedFd, Errno> {
         let with_data = flags & libc::O_TRUNC == 0;
         let state = self.copy_up(node, with_data)?;
-        sys::reopen(state.fd.as_fd(), real_open_flags(flags)).map_err(errno)
+        state.obj.reopen(real_open_flags(flags)).map_err(errno)
     }
 
     fn create_object(
@@ -581,7 +585,7 @@ impl fuser::Filesystem for OverlayFs {
                 mtime: mtime.map(time_spec),
             };
             // Decided on the object as it is, wherever it is: a refusal copies nothing up.
-            let st = sys::stat_fd(node.state().fd.as_fd()).map_err(errno)?;
+            let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
             let caller = crate::attrs::Caller {
                 uid: req.uid(),
                 gid: req.gid(),
@@ -601,7 +605,8 @@ impl fuser::Filesystem for OverlayFs {
                 Some(fh) => self.file(fh).ok(),
                 None => None,
             };
-            crate::attrs::apply(state.fd.as_fd(), open.as_deref(), &change).map_err(errno)?;
+            crate::attrs::apply(state.obj.fd()?.as_fd(), open.as_deref(), &change)
+                .map_err(errno)?;
             self.attr(&node)
         });
         match result {
@@ -616,7 +621,7 @@ impl fuser::Filesystem for OverlayFs {
         }
         match self
             .node(ino)
-            .and_then(|n| sys::readlink_fd(n.state().fd.as_fd()).map_err(errno))
+            .and_then(|n| sys::readlink_fd(n.state().obj.fd()?.as_fd()).map_err(errno))
         {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
@@ -773,11 +778,11 @@ impl fuser::Filesystem for OverlayFs {
             }
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
-            let file = sys::reopen(state.fd.as_fd(), real_flags).map_err(errno)?;
+            let file = state.obj.reopen(real_flags).map_err(errno)?;
             let below_upper = !(self.union.stack.has_upper() && state.layer == 0);
             let follows = below_upper.then(|| LowerOpen {
                 node: node.clone(),
-                source: state.fd.clone(),
+                source: state.obj.clone(),
                 flags: real_flags,
             });
             Ok(self.register_file(node, file, follows, false, false))
@@ -807,7 +812,9 @@ impl fuser::Filesystem for OverlayFs {
                 .union
                 .create(&dir, name, NewObject::File, mode, self.creator(req))
                 .map_err(errno)?;
-            let file = sys::reopen(resolved.fd.as_fd(), real_open_flags(flags) & !libc::O_TRUNC)
+            let file = resolved
+                .obj
+                .reopen(real_open_flags(flags) & !libc::O_TRUNC)
                 .map_err(errno)?;
             let attr = self.remember(&dir, name, resolved)?;
             let node = self.node(attr.ino)?;
@@ -1030,8 +1037,10 @@ impl fuser::Filesystem for OverlayFs {
             if !(self.union.stack.has_upper() && state.layer == 0) {
                 return Ok(());
             }
-            let fd =
-                sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
+            let fd = state
+                .obj
+                .reopen(libc::O_RDONLY | libc::O_DIRECTORY)
+                .map_err(errno)?;
             sys::sync_fd(fd.as_fd(), datasync).map_err(|e| self.upper_errno(e))
         });
         match result {
@@ -1078,7 +1087,7 @@ impl fuser::Filesystem for OverlayFs {
             xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
             let state = self.copy_up(&node, true)?;
             xattr::set(
-                state.fd.as_fd(),
+                state.obj.fd()?.as_fd(),
                 name,
                 value,
                 flags,
@@ -1098,7 +1107,7 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.node(ino).and_then(|node| {
             xattr::get(
-                node.state().fd.as_fd(),
+                node.state().obj.fd()?.as_fd(),
                 name,
                 self.union.stack.xattr_prefix,
                 Self::caller(req),
@@ -1118,7 +1127,7 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.node(ino).and_then(|node| {
             xattr::list(
-                node.state().fd.as_fd(),
+                node.state().obj.fd()?.as_fd(),
                 self.union.stack.xattr_prefix,
                 Self::caller(req),
             )
@@ -1138,7 +1147,7 @@ impl fuser::Filesystem for OverlayFs {
             xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
             // Removing what is not there must not copy anything up.
             xattr::get(
-                node.state().fd.as_fd(),
+                node.state().obj.fd()?.as_fd(),
                 name,
                 self.union.stack.xattr_prefix,
                 Self::caller(req),
@@ -1146,7 +1155,8 @@ impl fuser::Filesystem for OverlayFs {
             .map_err(errno)?
             .ok_or(Errno::NO_XATTR)?;
             let state = self.copy_up(&node, true)?;
-            xattr::remove(state.fd.as_fd(), name, self.union.stack.xattr_prefix).map_err(errno)
+            xattr::remove(state.obj.fd()?.as_fd(), name, self.union.stack.xattr_prefix)
+                .map_err(errno)
         });
         match result {
             Ok(()) => reply.ok(),
@@ -1159,7 +1169,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let result = self.node(ino).and_then(|node| {
-            let st = sys::stat_fd(node.state().fd.as_fd()).map_err(errno)?;
+            let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
             if mask.contains(AccessFlags::W_OK) && !self.union.stack.has_upper() {
                 return Err(Errno::EROFS);
             }

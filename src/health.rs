@@ -477,8 +477,11 @@ impl Health {
 /// back (also when the file cannot be opened any more: nothing to watch then).
 fn check_file(node: &Node) -> (Option<i32>, bool) {
     let state = node.state();
-    let opened = sys::reopen(state.fd.as_fd(), libc::O_RDONLY | libc::O_NOATIME)
-        .or_else(|_| sys::reopen(state.fd.as_fd(), libc::O_RDONLY));
+    // A node whose object is gone (ESTALE: deleted and closed) has nothing left to watch.
+    let opened = state.obj.fd().and_then(|obj| {
+        sys::reopen(obj.as_fd(), libc::O_RDONLY | libc::O_NOATIME)
+            .or_else(|_| sys::reopen(obj.as_fd(), libc::O_RDONLY))
+    });
     let Ok(fd) = opened else {
         return (None, true);
     };

@@ -15,13 +15,13 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::errseq::ErrSeq;
+use crate::handles::ObjRef;
 use crate::layers::LayerIndex;
 use crate::lookup::{LayerDir, Resolved};
 
@@ -35,8 +35,8 @@ pub type ObjectKey = (u64, u64);
 pub struct NodeState {
     /// The layer that holds the visible object (0 is the upper layer when there is one).
     pub layer: LayerIndex,
-    /// `O_PATH` handle on the visible object (the link itself for a symlink).
-    pub fd: Arc<OwnedFd>,
+    /// The visible object (the link itself for a symlink).
+    pub obj: ObjRef,
     /// Layer directories merged into this directory, top first (empty for non-directories).
     pub merged: Arc<Vec<LayerDir>>,
     /// Node id of the directory this one was last found in, and its name there: copy-up
@@ -104,7 +104,7 @@ impl Node {
 fn state_of(resolved: Resolved, parent: u64, name: OsString) -> NodeState {
     NodeState {
         layer: resolved.layer,
-        fd: resolved.fd,
+        obj: resolved.obj,
         merged: Arc::new(resolved.merged),
         parent,
         name,
@@ -300,9 +300,10 @@ mod tests {
     fn resolved(path: &str) -> Resolved {
         let fd = crate::sys::open_dir_path(std::path::Path::new(path)).expect("open");
         let stat = crate::sys::stat_fd(std::os::fd::AsFd::as_fd(&fd)).expect("stat");
+        let cache = crate::handles::FdCache::new(&[]);
         Resolved {
             layer: 0,
-            fd: Arc::new(fd),
+            obj: cache.adopt(0, fd),
             stat,
             merged: Vec::new(),
         }

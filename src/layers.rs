@@ -8,6 +8,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use crate::handles::{FdCache, ObjRef};
 use crate::options::{MountConfig, RedirectDir, XattrNamespace};
 use crate::sys;
 
@@ -45,6 +46,8 @@ pub struct LayerStack {
     /// Whether renaming a directory that lower layers take part in writes a redirect
     /// (`redirect_dir=on`) instead of failing with EXDEV.
     pub write_redirects: bool,
+    /// Bounds the descriptors held on layer objects (see `handles`).
+    pub fds: std::sync::Arc<FdCache>,
 }
 
 /// `<prefix>opaque` and `<prefix>redirect`.
@@ -108,7 +111,10 @@ impl LayerStack {
             }
             (namespace, _) => namespace.prefix(),
         };
+        let roots: Vec<BorrowedFd<'_>> = layers.iter().map(|l| l.root.as_fd()).collect();
+        let fds = FdCache::new(&roots);
         Ok(LayerStack {
+            fds,
             layers,
             work,
             private: PrivateNames::new(xattr_prefix),
@@ -122,6 +128,11 @@ impl LayerStack {
         self.layers
             .first()
             .is_some_and(|l| l.role == LayerRole::Upper)
+    }
+
+    /// Takes an `O_PATH` descriptor on an object of layer `layer` under management.
+    pub fn adopt(&self, layer: LayerIndex, fd: OwnedFd) -> ObjRef {
+        self.fds.adopt(layer, fd)
     }
 
     pub fn root(&self, index: LayerIndex) -> BorrowedFd<'_> {

@@ -3,7 +3,8 @@
 //! Module map (one concern each): `options` parses the command line; `layers` opens and
 //! checks the layer directories; `whiteout` recognises whiteouts and opaque directories;
 //! `lookup` resolves a name across layers; `readdir` merges listings; `inodes` keeps the FUSE
-//! inode table; `copy_up` moves one object to the upper layer atomically; `namespace` makes
+//! inode table; `handles` bounds the descriptors held on layer objects (file handles past a
+//! budget); `copy_up` moves one object to the upper layer atomically; `namespace` makes
 //! every change to the union (create, unlink, rmdir, rename, link, copy-up order); `attrs`
 //! applies SETATTR; `idmap` translates owner ids (uidmapping, squash); `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
 //! `mount` and `relay` attach the FUSE connection; `daemon` runs the process lifecycle;
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod demo;
 pub mod errseq;
 pub mod fs;
+pub mod handles;
 pub mod health;
 pub mod idmap;
 pub mod inodes;

@@ -8,8 +8,9 @@
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+
+use crate::handles::ObjRef;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 
 use crate::layers::{LayerIndex, LayerStack};
 use crate::sys;
@@ -19,7 +20,7 @@ use crate::whiteout::{self, NameKind};
 #[derive(Debug, Clone)]
 pub struct LayerDir {
     pub layer: LayerIndex,
-    pub fd: Arc<OwnedFd>,
+    pub obj: ObjRef,
 }
 
 /// What a name resolves to in the union.
@@ -27,8 +28,8 @@ pub struct LayerDir {
 pub struct Resolved {
     /// The layer that holds the visible object.
     pub layer: LayerIndex,
-    /// `O_PATH` handle on the visible object (the link itself for a symlink).
-    pub fd: Arc<OwnedFd>,
+    /// The visible object (the link itself for a symlink).
+    pub obj: ObjRef,
     pub stat: libc::stat,
     /// For a directory: every layer directory merged into it, top first (the visible one
     /// included). Empty for other types.
@@ -54,7 +55,10 @@ fn candidate(
 ) -> io::Result<Option<OwnedFd>> {
     let found = match target {
         Target::InParent(name) => match parent.iter().find(|d| d.layer == layer) {
-            Some(dir) => sys::open_path_at(dir.fd.as_fd(), name),
+            Some(dir) => {
+                let dir = dir.obj.fd()?;
+                stack.fds.retry(|| sys::open_path_at(dir.as_fd(), name))
+            }
             None => return Ok(None),
         },
         Target::FromRoot(path) => {
@@ -145,49 +149,49 @@ pub fn resolve(
                 break;
             }
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            let fd = Arc::new(fd);
-            match &mut found {
-                None if !is_dir => {
-                    found = Some(Resolved {
-                        layer,
-                        fd,
-                        stat: st,
-                        merged: Vec::new(),
-                    });
-                    break;
-                }
-                // A non-directory below a directory is hidden by it, and so is all below.
-                Some(_) if !is_dir => break,
-                None => {
-                    found = Some(Resolved {
-                        layer,
-                        fd: fd.clone(),
-                        stat: st,
-                        merged: vec![LayerDir {
-                            layer,
-                            fd: fd.clone(),
-                        }],
-                    })
-                }
-                Some(top) => top.merged.push(LayerDir {
-                    layer,
-                    fd: fd.clone(),
-                }),
-            }
-            if whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)? {
+            // A non-directory below a directory is hidden by it, and so is all below.
+            if !is_dir && found.is_some() {
                 break;
             }
-            // Like the kernel (ovl_lookup's d.last): a lower directory's redirect is not read
-            // where no layer below it would be searched; the upper's always is.
+            // Tested before the descriptor goes under management (which may close it).
+            let opaque = is_dir && whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)?;
             let searched_below = (layer == 0 && stack.has_upper())
                 || match &target {
                     Target::InParent(_) => layer < bottom.layer,
                     Target::FromRoot(_) => (layer as usize) + 1 < stack.layers.len(),
                 };
-            if stack.follow_redirects
-                && searched_below
-                && let Some(redirect) = redirect_of(stack, &fd)?
-            {
+            // Like the kernel (ovl_lookup's d.last): a lower directory's redirect is not read
+            // where no layer below it would be searched; the upper's always is.
+            let redirect = if is_dir && !opaque && stack.follow_redirects && searched_below {
+                redirect_of(stack, &fd)?
+            } else {
+                None
+            };
+            let obj = stack.adopt(layer, fd);
+            match &mut found {
+                None if !is_dir => {
+                    found = Some(Resolved {
+                        layer,
+                        obj,
+                        stat: st,
+                        merged: Vec::new(),
+                    });
+                    break;
+                }
+                None => {
+                    found = Some(Resolved {
+                        layer,
+                        obj: obj.clone(),
+                        stat: st,
+                        merged: vec![LayerDir { layer, obj }],
+                    })
+                }
+                Some(top) => top.merged.push(LayerDir { layer, obj }),
+            }
+            if opaque {
+                break;
+            }
+            if let Some(redirect) = redirect {
                 target = redirect;
                 redirected = true;
             }
@@ -196,7 +200,7 @@ pub fn resolve(
         if let Target::InParent(n) = &target
             && let Some(dir) = parent.iter().find(|d| d.layer == layer)
             && layer < bottom.layer
-            && whiteout::has_aufs_whiteout(dir.fd.as_fd(), OsStr::from_bytes(n.as_bytes()))?
+            && whiteout::has_aufs_whiteout(dir.obj.fd()?.as_fd(), OsStr::from_bytes(n.as_bytes()))?
         {
             break;
         }

@@ -135,9 +135,9 @@ impl Union {
         let parent = self.node(state.parent)?;
         let upper_parent = self.upper_dir(&parent)?;
         let name = sys::component(&state.name)?;
-        let from = sys::stat_fd(state.fd.as_fd())?;
+        let from = sys::stat_fd(state.obj.fd()?.as_fd())?;
         let fd = copy_up::copy_up(
-            state.fd.as_fd(),
+            state.obj.fd()?.as_fd(),
             self.stack.work()?,
             upper_parent.as_fd(),
             &name,
@@ -148,11 +148,11 @@ impl Union {
             },
         )?;
         let to = sys::stat_fd(fd.as_fd())?;
-        let fd = Arc::new(fd);
+        let obj = self.stack.adopt(0, fd);
         let merged = if node.is_dir() {
             let mut merged = vec![LayerDir {
                 layer: 0,
-                fd: fd.clone(),
+                obj: obj.clone(),
             }];
             merged.extend(state.merged.iter().cloned());
             merged
@@ -161,7 +161,7 @@ impl Union {
         };
         let new_state = NodeState {
             layer: 0,
-            fd,
+            obj,
             merged: Arc::new(merged),
             parent: state.parent,
             name: state.name.clone(),
@@ -201,11 +201,7 @@ impl Union {
             return Err(err(libc::ENOTDIR));
         }
         let state = self.copy_up(dir, false)?;
-        state
-            .merged
-            .first()
-            .map(|d| d.fd.clone())
-            .ok_or_else(|| err(libc::EIO))
+        state.merged.first().ok_or_else(|| err(libc::EIO))?.obj.fd()
     }
 
     /// Creates `name` in `parent`; returns what the name now resolves to.
@@ -545,13 +541,13 @@ impl Union {
         if over_whiteout {
             let work = self.stack.work()?;
             let tmp = copy_up::temp_name();
-            sys::link_at(state.fd.as_fd(), work, &tmp)?;
+            sys::link_at(state.obj.fd()?.as_fd(), work, &tmp)?;
             if let Err(e) = sys::rename_at(work, &tmp, upper.as_fd(), &cnew, 0) {
                 let _ = sys::remove_tree(work, &tmp);
                 return Err(e);
             }
         } else {
-            sys::link_at(state.fd.as_fd(), upper.as_fd(), &cnew)?;
+            sys::link_at(state.obj.fd()?.as_fd(), upper.as_fd(), &cnew)?;
         }
         self.resolve(newparent, newname)?
             .ok_or_else(|| err(libc::EIO))
@@ -618,7 +614,7 @@ impl Union {
         if !self.is_upper(state) {
             return Ok(None);
         }
-        sys::get_xattr(state.fd.as_fd(), &self.stack.private.redirect)
+        sys::get_xattr(state.obj.fd()?.as_fd(), &self.stack.private.redirect)
     }
 
     /// Records on the (copied-up) directory `node`, about to be renamed, where the lower
@@ -638,7 +634,12 @@ impl Union {
         } else {
             self.origin_path(node)?
         };
-        sys::set_xattr(state.fd.as_fd(), &self.stack.private.redirect, &value, 0)
+        sys::set_xattr(
+            state.obj.fd()?.as_fd(),
+            &self.stack.private.redirect,
+            &value,
+            0,
+        )
     }
 
     /// The absolute path at which the lower layers keep directory `node`.
@@ -673,21 +674,20 @@ impl Union {
 fn root_of(stack: &LayerStack) -> io::Result<Resolved> {
     let mut merged = Vec::new();
     for (i, layer) in stack.layers.iter().enumerate() {
-        let fd = Arc::new(layer.root.try_clone()?);
-        let opaque = whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)?;
+        let opaque = whiteout::is_opaque(layer.root.as_fd(), &stack.private.opaque)?;
         merged.push(LayerDir {
             layer: i as u16,
-            fd,
+            obj: stack.adopt(i as u16, layer.root.try_clone()?),
         });
         if opaque {
             break;
         }
     }
-    let top = merged[0].fd.clone();
+    let top = merged[0].obj.clone();
     Ok(Resolved {
         layer: 0,
-        stat: sys::stat_fd(top.as_fd())?,
-        fd: top,
+        stat: sys::stat_fd(stack.root(0))?,
+        obj: top,
         merged,
     })
 }

@@ -52,7 +52,7 @@ pub fn list(
     let layers = merged.len();
     for (position, layer_dir) in merged.iter().enumerate() {
         let dev = stack.layers[layer_dir.layer as usize].dev;
-        let raw = sys::read_dir(layer_dir.fd.as_fd())?;
+        let raw = sys::read_dir(layer_dir.obj.fd()?.as_fd())?;
         let mut hidden_here: Vec<OsString> = Vec::new();
         for e in raw {
             let bytes = e.name.as_bytes();
@@ -106,7 +106,7 @@ fn entry_type(dir: &LayerDir, e: &sys::RawDirEntry) -> io::Result<(u32, bool)> {
         return Ok((t, false));
     }
     let name = sys::component(&e.name)?;
-    match sys::stat_at(dir.fd.as_fd(), &name)? {
+    match sys::stat_at(dir.obj.fd()?.as_fd(), &name)? {
         Some(st) => Ok((st.st_mode & libc::S_IFMT, whiteout::is_whiteout(&st))),
         // Vanished between listing and stat: treat as not there.
         None => Ok((0, true)),
