@@ -9,7 +9,7 @@
 //! remove a handle; a directory handle's own `Mutex` serialises readers of one open
 //! directory stream. No lock is held across I/O except that per-stream `Mutex`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -63,10 +63,10 @@ pub struct FsSettings {
 }
 
 struct DirStream {
-    /// Snapshot of the merged listing; taken at opendir and again when a reader that has
-    /// already been served rewinds to offset 0 (rewinddir must show changes).
-    entries: Vec<readdir::Entry>,
-    served: bool,
+    /// Snapshot of the merged listing, taken at the first READDIR (not at opendir: when the
+    /// kernel has the listing cached, an open is all it asks for) and again when a reader
+    /// rewinds to offset 0 (rewinddir must show changes).
+    entries: Option<Vec<readdir::Entry>>,
 }
 
 /// What a read-only open of a lower object watches: its node, the handle it was opened from,
@@ -100,10 +100,32 @@ pub struct OverlayFs {
     union: Union,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
+    /// Listings being read without an open (see `opendir`), by directory node, most recent
+    /// last: a large directory takes several READDIRs, which continue from this instead of
+    /// merging the layers again. Dropped once read to the end.
+    recent_listings: Mutex<VecDeque<(u64, Arc<Vec<readdir::Entry>>)>>,
     next_handle: AtomicU64,
     settings: FsSettings,
     health: Arc<Health>,
     canary: Option<Arc<Canary>>,
+}
+
+/// Adds the entries a reader at `offset` has not seen yet, as many as fit; returns whether
+/// the listing was given to its end. Offsets are the entries' cookies: the same place in
+/// every snapshot of the directory.
+fn fill_listing(reply: &mut ReplyDirectory, entries: &[readdir::Entry], offset: u64) -> bool {
+    let start = readdir::resume_at(entries, offset);
+    for entry in &entries[start..] {
+        if reply.add(
+            INodeNo(entry.ino),
+            entry.cookie,
+            file_type(entry.file_type),
+            &entry.name,
+        ) {
+            return false;
+        }
+    }
+    true
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -143,6 +165,7 @@ impl OverlayFs {
             union: Union::new(stack, durable)?,
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
+            recent_listings: Mutex::new(VecDeque::new()),
             next_handle: AtomicU64::new(1),
             settings,
             health,
@@ -359,6 +382,40 @@ impl OverlayFs {
                 Err(e)
             }
         }
+    }
+
+    /// READDIR without an open (the kernel stopped opening directories, see `opendir`):
+    /// offset 0 merges the layers anew; a later offset continues the listing last merged
+    /// for this directory (or a fresh one: cookies make either correct).
+    fn readdir_unopened(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+        const KEPT: usize = 32;
+        let recent = match offset {
+            0 => None,
+            _ => self
+                .recent_listings
+                .lock()
+                .iter()
+                .find(|(id, _)| *id == ino.0)
+                .map(|(_, l)| Arc::clone(l)),
+        };
+        let entries = match recent {
+            Some(entries) => entries,
+            None => match self.node(ino).and_then(|dir| self.listing(&dir)) {
+                Ok(entries) => Arc::new(entries),
+                Err(e) => return reply.error(e),
+            },
+        };
+        let finished = fill_listing(&mut reply, &entries, offset);
+        let mut recent = self.recent_listings.lock();
+        recent.retain(|(id, _)| *id != ino.0);
+        if !finished {
+            if recent.len() >= KEPT {
+                recent.pop_front();
+            }
+            recent.push_back((ino.0, entries));
+        }
+        drop(recent);
+        reply.ok();
     }
 
     fn listing(&self, dir: &Node) -> Result<Vec<readdir::Entry>, Errno> {
@@ -943,25 +1000,27 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
+        // Where the kernel may cache listings, it need not ask us to open a directory at
+        // all: ENOSYS makes it stop sending OPENDIR and RELEASEDIR for the life of the mount
+        // and keep every listing (FOPEN_CACHE_DIR and KEEP_CACHE) — a warm walk then costs
+        // no request per directory. That is safe because every change to a listing goes
+        // through the kernel, which then drops the cached one, and because offsets are
+        // cookies that mean the same place in every snapshot (`readdir`), so a listing cached
+        // by one reader and completed by another cannot repeat or skip a name.
+        if self.settings.cache {
+            return reply.error(Errno::ENOSYS);
+        }
         let result = self.node(ino).and_then(|dir| {
             if !dir.is_dir() {
                 return Err(Errno::ENOTDIR);
             }
-            let entries = self.listing(&dir)?;
             let fh = self.handle();
-            self.dirs.write().insert(
-                fh,
-                Arc::new(Mutex::new(DirStream {
-                    entries,
-                    served: false,
-                })),
-            );
+            self.dirs
+                .write()
+                .insert(fh, Arc::new(Mutex::new(DirStream { entries: None })));
             Ok(fh)
         });
         match result {
-            // No FOPEN_CACHE_DIR: the kernel's listing cache takes offsets as stable across
-            // opens, but each open here serves its own snapshot, and under concurrent changes
-            // the mix showed names twice (tests/concurrency.rs).
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
@@ -979,28 +1038,19 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let Some(stream) = self.dirs.read().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+            return self.readdir_unopened(ino, offset, reply);
         };
         let mut stream = stream.lock();
-        if offset == 0 && stream.served {
+        if offset == 0 || stream.entries.is_none() {
             match self.node(ino).and_then(|dir| self.listing(&dir)) {
-                Ok(entries) => stream.entries = entries,
+                Ok(entries) => stream.entries = Some(entries),
                 Err(e) => return reply.error(e),
             }
         }
-        stream.served = true;
-        // Offset of entry i is i + 1: the position to continue after it, stable for the
-        // life of the snapshot, which is what telldir/seekdir hand back to us.
-        for (i, entry) in stream.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(
-                INodeNo(entry.ino),
-                (i + 1) as u64,
-                file_type(entry.file_type),
-                &entry.name,
-            ) {
-                break;
-            }
-        }
+        let Some(entries) = stream.entries.as_deref() else {
+            return reply.error(Errno::EIO);
+        };
+        fill_listing(&mut reply, entries, offset);
         reply.ok();
     }
 

@@ -2,15 +2,21 @@
 //!
 //! Owns: turning the layer directories of one merged directory into the single listing a
 //! user sees — top layer first, each name once, whited-out and shadowed names hidden, marker
-//! entries never shown — taken as a snapshot so offsets stay stable while a reader walks it
-//! (telldir/seekdir and a restarted readdir see the same sequence). Must never: stat every
-//! entry when the layer's `d_type` already says what it is.
+//! entries never shown — taken as a snapshot, in the order of each name's cookie. A cookie is
+//! a keyed hash of the name (as ext4's hashed directories do), so it is the same in every
+//! snapshot of the directory for the life of the daemon: an offset handed out by one open
+//! (telldir, or the kernel's directory cache resuming where its cached part ends) means the
+//! same place in any other, and a name added or removed meanwhile never makes a reader see
+//! another name twice or miss one. Must never: stat every entry when the layer's `d_type`
+//! already says what it is.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
 
 use crate::inodes::InodeTable;
 use crate::layers::LayerStack;
@@ -21,6 +27,8 @@ use crate::whiteout::{self, NameKind};
 /// One entry of a merged listing.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// Where a reader continues after this entry (readdir's `d_off`).
+    pub cookie: u64,
     pub name: OsString,
     pub ino: u64,
     /// `S_IFMT` bits.
@@ -37,11 +45,13 @@ pub fn list(
 ) -> io::Result<Vec<Entry>> {
     let mut entries = vec![
         Entry {
+            cookie: DOT_COOKIE,
             name: ".".into(),
             ino: dir_ino,
             file_type: libc::S_IFDIR,
         },
         Entry {
+            cookie: DOTDOT_COOKIE,
             name: "..".into(),
             ino: parent_ino,
             file_type: libc::S_IFDIR,
@@ -62,7 +72,7 @@ pub fn list(
             match whiteout::classify(&e.name) {
                 NameKind::Visible => {}
                 NameKind::AufsWhiteout(target) => {
-                    hidden_here.push(OsString::from(std::ffi::OsStr::from_bytes(target)));
+                    hidden_here.push(OsString::from(OsStr::from_bytes(target)));
                     continue;
                 }
                 NameKind::AufsPrivate => continue,
@@ -76,6 +86,7 @@ pub fn list(
                 continue;
             }
             entries.push(Entry {
+                cookie: cookie_of(&e.name),
                 name: e.name.clone(),
                 ino: inodes.ino_of((dev, e.ino)),
                 file_type,
@@ -87,7 +98,37 @@ pub fn list(
             decided.extend(hidden_here);
         }
     }
+    order_by_cookie(&mut entries);
     Ok(entries)
+}
+
+const DOT_COOKIE: u64 = 1;
+const DOTDOT_COOKIE: u64 = 2;
+
+/// The cookie of a name: a hash keyed once per process (so names cannot be chosen to
+/// collide), in 62 bits above the two cookies of `.` and `..` (offsets are signed 64-bit in
+/// the kernel, and 0 means the start).
+fn cookie_of(name: &OsStr) -> u64 {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    let hash = KEY.get_or_init(RandomState::new).hash_one(name.as_bytes());
+    (hash >> 2) + DOTDOT_COOKIE + 1
+}
+
+/// Sorts a listing by cookie. Two names of one directory with the same hash (about one
+/// chance in 2^62 per pair) get consecutive cookies in name order: still distinct, and
+/// stable as long as no third name lands between them.
+fn order_by_cookie(entries: &mut [Entry]) {
+    entries.sort_unstable_by(|a, b| (a.cookie, &a.name).cmp(&(b.cookie, &b.name)));
+    for i in 1..entries.len() {
+        if entries[i].cookie <= entries[i - 1].cookie {
+            entries[i].cookie = entries[i - 1].cookie + 1;
+        }
+    }
+}
+
+/// The index of the first entry a reader at `offset` has not seen yet.
+pub fn resume_at(entries: &[Entry], offset: u64) -> usize {
+    entries.partition_point(|e| e.cookie <= offset)
 }
 
 /// The type of a raw entry, and whether it is a kernel-format whiteout. Only character
@@ -117,4 +158,62 @@ fn entry_type(dir: &LayerDir, e: &sys::RawDirEntry) -> io::Result<(u32, bool)> {
 /// (rmdir, and rename over a directory, need it empty).
 pub fn is_empty(stack: &LayerStack, inodes: &InodeTable, merged: &[LayerDir]) -> io::Result<bool> {
     Ok(list(stack, inodes, merged, 0, 0)?.len() <= 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> Entry {
+        Entry {
+            cookie: cookie_of(name.as_ref()),
+            name: name.into(),
+            ino: 0,
+            file_type: libc::S_IFREG,
+        }
+    }
+
+    /// A reader that stopped after some entry of one snapshot continues in another snapshot
+    /// (with names added and removed) right after that entry's cookie: every name present in
+    /// both is seen exactly once.
+    #[test]
+    fn offsets_mean_the_same_place_in_every_snapshot() {
+        let mut first: Vec<Entry> = (0..500).map(|i| entry(&format!("n{i}"))).collect();
+        order_by_cookie(&mut first);
+        let mut second: Vec<Entry> = (0..500)
+            .filter(|i| i % 7 != 0)
+            .chain(500..600)
+            .map(|i| entry(&format!("n{i}")))
+            .collect();
+        order_by_cookie(&mut second);
+        for stop in [0, 1, 123, 499] {
+            let seen: Vec<&OsString> = first[..=stop].iter().map(|e| &e.name).collect();
+            let rest = &second[resume_at(&second, first[stop].cookie)..];
+            for i in (0..500).filter(|i| i % 7 != 0) {
+                let name = OsString::from(format!("n{i}"));
+                let times = seen.iter().filter(|n| ***n == name).count()
+                    + rest.iter().filter(|e| e.name == name).count();
+                assert_eq!(times, 1, "{name:?} seen {times} times (stopped at {stop})");
+            }
+        }
+        assert!(first.iter().all(|e| e.cookie > DOTDOT_COOKIE));
+        assert!(first.windows(2).all(|w| w[0].cookie < w[1].cookie));
+    }
+
+    #[test]
+    fn colliding_hashes_still_get_distinct_increasing_cookies() {
+        let mut entries: Vec<Entry> = ["b", "a", "c"]
+            .iter()
+            .map(|n| Entry {
+                cookie: 10,
+                ..entry(n)
+            })
+            .collect();
+        order_by_cookie(&mut entries);
+        let got: Vec<(u64, &str)> = entries
+            .iter()
+            .map(|e| (e.cookie, e.name.to_str().unwrap_or("")))
+            .collect();
+        assert_eq!(got, vec![(10, "a"), (11, "b"), (12, "c")]);
+    }
 }

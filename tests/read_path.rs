@@ -1225,3 +1225,64 @@ fn reading_never_modifies_lower_layers() {
     assert!(d.is_empty(), "reading modified the lower layer: {d:?}");
     let _ = std::io::stdout().flush();
 }
+
+// ---------------------------------------------------------------------------
+// listings the kernel keeps between opens
+// ---------------------------------------------------------------------------
+
+/// The kernel keeps a directory's listing across opens (FOPEN_CACHE_DIR): every change made
+/// through the union — create, unlink of a lower name (a whiteout), rename in, out and
+/// within, mkdir, rmdir, a hard link, a change in a subdirectory that copies the directory
+/// up — shows in the next listing, which is read completely from the start each time.
+#[test]
+fn a_listing_kept_by_the_kernel_shows_every_change_made_through_the_union() {
+    let (_s, l) = setup();
+    for i in 0..300 {
+        l.lower(1).write_file(&format!("d/lower{i}"), b"x", 0o644);
+    }
+    l.lower(0).write_file("other/incoming", b"x", 0o644);
+    let m = mount_ovlfuse(&l, "");
+    let root = m.path().to_path_buf();
+    with_timeout(T, move || {
+        let d = root.join("d");
+        let mut expected: BTreeSet<String> = (0..300).map(|i| format!("lower{i}")).collect();
+        let check = |expected: &BTreeSet<String>, after: &str| {
+            // Twice: once to fill the kernel's cache, once served from it.
+            for round in 0..2 {
+                let got: BTreeSet<String> = names(&d).into_iter().collect();
+                assert_eq!(&got, expected, "listing {round} after {after}");
+            }
+        };
+        check(&expected, "mount");
+        fs::write(d.join("new"), b"n").unwrap();
+        expected.insert("new".into());
+        check(&expected, "create");
+        fs::remove_file(d.join("lower7")).unwrap();
+        expected.remove("lower7");
+        check(&expected, "unlink of a lower file");
+        fs::rename(root.join("other/incoming"), d.join("incoming")).unwrap();
+        expected.insert("incoming".into());
+        check(&expected, "rename into the directory");
+        fs::rename(d.join("lower8"), root.join("other/outgoing")).unwrap();
+        expected.remove("lower8");
+        check(&expected, "rename out of the directory");
+        fs::rename(d.join("lower9"), d.join("renamed")).unwrap();
+        expected.remove("lower9");
+        expected.insert("renamed".into());
+        check(&expected, "rename within the directory");
+        fs::create_dir(d.join("sub")).unwrap();
+        expected.insert("sub".into());
+        check(&expected, "mkdir");
+        fs::write(d.join("sub/inner"), b"i").unwrap();
+        check(&expected, "a create in a subdirectory");
+        fs::hard_link(d.join("new"), d.join("link")).unwrap();
+        expected.insert("link".into());
+        check(&expected, "link");
+        fs::remove_file(d.join("sub/inner")).unwrap();
+        fs::remove_dir(d.join("sub")).unwrap();
+        expected.remove("sub");
+        check(&expected, "rmdir");
+        let other: BTreeSet<String> = names(&root.join("other")).into_iter().collect();
+        assert_eq!(other, sv(&["outgoing"]).into_iter().collect());
+    });
+}
