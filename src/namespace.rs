@@ -251,7 +251,18 @@ impl Union {
                 }
             }
         } else {
-            make(upper.as_fd(), &cname, what, mode, creator.uid, gid)?;
+            // Built aside too, owner and mode set there, then renamed into place: a daemon
+            // killed half-way leaves a leftover in the work dir (removed at the next mount),
+            // never an object with the staging mode or owner under the user's name.
+            let work = self.stack.work()?;
+            let tmp = copy_up::temp_name();
+            make(work, &tmp, what, mode, creator.uid, gid)?;
+            if let Err(e) =
+                sys::rename_at(work, &tmp, upper.as_fd(), &cname, libc::RENAME_NOREPLACE)
+            {
+                let _ = sys::remove_tree(work, &tmp);
+                return Err(e);
+            }
         }
         self.resolve(parent, name)?.ok_or_else(|| err(libc::EIO))
     }
@@ -495,10 +506,20 @@ impl Union {
             // An upper directory at the target that lower layers take part in was found
             // empty in the union, but may still hold whiteouts of lower entries on disk:
             // clear it out of the way first.
+            // Like the kernel (ovl_clear_empty), it is swapped in one exchange for an empty
+            // opaque directory with its owner, mode and times, which the rename below then
+            // replaces: a daemon killed in between leaves the target as the union showed it
+            // (empty), never the name missing or the lower entries back.
             Some(st) if clear_target && st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 let tmp = copy_up::temp_name();
-                sys::rename_at(to_dir, to, work, &tmp, libc::RENAME_NOREPLACE)?;
-                sys::remove_tree(work, &tmp)?;
+                make(work, &tmp, NewObject::Dir, st.st_mode, st.st_uid, st.st_gid)?;
+                let swapped = self
+                    .set_opaque(work, &tmp)
+                    .and_then(|()| sys::set_times_at(work, &tmp, &st))
+                    .and_then(|()| sys::rename_at(work, &tmp, to_dir, to, libc::RENAME_EXCHANGE));
+                let cleared = sys::remove_tree(work, &tmp);
+                swapped?;
+                cleared?;
             }
             _ => {}
         }

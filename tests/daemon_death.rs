@@ -40,21 +40,6 @@ const OPTS: &str = "redirect_dir=on";
 /// Rounds between fresh upper layers.
 const EPOCH: usize = 3;
 
-/// Known bug (namespace.rs `move_into_place`): a rename over a directory lower layers take
-/// part in (empty in the union) first moves the target's upper directory away and removes
-/// it, then renames the source, so a kill in between leaves neither state: the lower
-/// directory shows again under the target name (its deleted entries back), or the name is
-/// gone if its lower part came through a redirect. While true, the kill rounds accept any
-/// content under the target for the rename in flight (everything else must be as before);
-/// `kill_inside_a_rename_over_a_merged_directory_...` (ignored) pins the bug.
-const KNOWN_BUG_RENAME_OVER_DIR_NOT_ATOMIC: bool = true;
-
-/// Known bug (namespace.rs `make`): a new file or directory is created under its real name
-/// with mode 0600/0700, then chowned and chmodded, so a kill in between leaves it with the
-/// staging mode. While true, the kill rounds accept that state for the create or mkdir in
-/// flight; `kill_between_creating_and_chmodding_a_new_object_...` (ignored) pins the bug.
-const KNOWN_BUG_CREATE_NOT_ATOMIC: bool = true;
-
 // ---------------------------------------------------------------------------
 // the model: what a worker's subtree must look like
 // ---------------------------------------------------------------------------
@@ -585,36 +570,20 @@ fn model_diff(want: &Model, got: &Model) -> Vec<String> {
     v
 }
 
-/// `Ok(index)` of the state in `states` the subtree at `root` is in, else every problem
-/// (against the first and the last state).
 /// What the subtree may look like after a kill: `states[0]` is the state before the op in
-/// flight, `states[after]` the one after it, the others intermediate. `loose`: the state
-/// before with anything at or below this path (a known bug, see
-/// [`KNOWN_BUG_RENAME_OVER_DIR_NOT_ATOMIC`]).
+/// flight, `states[after]` the one after it, the others intermediate.
 struct Allowed {
     states: Vec<Model>,
     after: usize,
-    loose: Option<String>,
 }
 
-/// `Ok((state, index))`: the subtree at `root` and which allowed state it is in (`None`:
-/// the loose one); else every problem, against the states before and after the op.
-fn check_subtree(root: &Path, allowed: &Allowed) -> Result<(Model, Option<usize>), Vec<String>> {
+/// `Ok((state, index))`: the subtree at `root` and which allowed state it is in; else every
+/// problem, against the states before and after the op.
+fn check_subtree(root: &Path, allowed: &Allowed) -> Result<(Model, usize), Vec<String>> {
     let got = observe(root)?;
     let states = &allowed.states;
     if let Some(i) = states.iter().position(|s| *s == got) {
-        return Ok((got, Some(i)));
-    }
-    if let Some(p) = &allowed.loose {
-        let outside = |m: &Model| -> Model {
-            m.iter()
-                .filter(|(k, _)| *k != p && !is_inside(k, p))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        if outside(&states[0]) == outside(&got) {
-            return Ok((got, None));
-        }
+        return Ok((got, i));
     }
     let mut v = vec![format!(
         "neither of the {} allowed states; against the state before the op:",
@@ -828,23 +797,19 @@ fn op_path(op: &Op) -> &str {
     }
 }
 
-/// The states a create or mkdir in flight leaves while namespace.rs creates new objects
-/// non-atomically (see [`KNOWN_BUG_CREATE_NOT_ATOMIC`]).
-fn staged_create_states(before: &Model, op: &Op) -> Vec<Model> {
-    let staged = match op {
-        Op::Create { path, .. } => (
-            path,
-            MEntry::File {
-                data: Vec::new(),
-                mode: 0o600,
-            },
-        ),
-        Op::Mkdir { path } => (path, MEntry::Dir { mode: 0o700 }),
-        _ => return Vec::new(),
-    };
-    let mut m = before.clone();
-    m.insert(staged.0.clone(), staged.1);
-    vec![m]
+/// The tests of this file that kill daemons run one at a time: a daemon killed by one test
+/// leaves its entry in the mount registry, and the next daemon to start removes such stale
+/// entries — an unlink, which the tests dying at their first unlink must not meet.
+fn killing_alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Mounts (and unmounts) a plain ovlfuse on `l`: it removes the registry entries that
+/// daemons killed earlier left, so that a daemon dying at its first unlink starts with
+/// none to remove.
+fn clear_stale_registry_entries(l: &Layers) {
+    drop(mount_ovlfuse(l, "nofuseblk"));
 }
 
 // ---------------------------------------------------------------------------
@@ -942,7 +907,7 @@ fn kill_rounds(transport_opts: &str, label: &str) {
 
     let initial = models.clone();
     let (mut inflight_kills, mut staged_kills, mut ops_total) = (0, 0, 0);
-    let (mut eio_kills, mut known_bug_hits) = (0, 0);
+    let mut eio_kills = 0;
     for round in 1..=rounds {
         if round % EPOCH == 1 && round > 1 {
             // A fresh upper layer every few rounds: the lower files need copying up again,
@@ -1022,30 +987,13 @@ fn kill_rounds(transport_opts: &str, label: &str) {
                     inflight_kills += 1;
                     let after = states.len() - 1;
                     states.extend(torn_write_states(&states[0], &op));
-                    if KNOWN_BUG_CREATE_NOT_ATOMIC {
-                        states.extend(staged_create_states(&states[0], &op));
-                    }
-                    let loose = match &op {
-                        Op::Rename { to, .. }
-                            if KNOWN_BUG_RENAME_OVER_DIR_NOT_ATOMIC
-                                && matches!(states[0].get(to), Some(MEntry::Dir { .. })) =>
-                        {
-                            Some(to.clone())
-                        }
-                        _ => None,
-                    };
-                    let allowed = Allowed {
-                        states,
-                        after,
-                        loose,
-                    };
+                    let allowed = Allowed { states, after };
                     (allowed, op.to_string())
                 }
                 None => {
                     let allowed = Allowed {
                         states: vec![w.committed],
                         after: 0,
-                        loose: None,
                     };
                     (allowed, "nothing".to_string())
                 }
@@ -1055,13 +1003,9 @@ fn kill_rounds(transport_opts: &str, label: &str) {
             match with_timeout(60, move || check_subtree(&root, &allowed)) {
                 Ok((got, which)) => {
                     let which = match which {
-                        Some(0) => "before".to_string(),
-                        Some(n) if n == after => "after".to_string(),
-                        Some(n) => format!("intermediate #{n}"),
-                        None => {
-                            known_bug_hits += 1;
-                            "the target of the rename gone (known bug)".to_string()
-                        }
+                        0 => "before".to_string(),
+                        n if n == after => "after".to_string(),
+                        n => format!("intermediate #{n}"),
                     };
                     summary.push(format!(
                         "w{i}: {} ops, in flight: {what2} -> {which}",
@@ -1091,7 +1035,7 @@ fn kill_rounds(transport_opts: &str, label: &str) {
     eprintln!(
         "{label}: {rounds} kills, {ops_total} ops completed, {inflight_kills} ops interrupted, \
          {staged_kills} kills left staged objects in workdir/work, {eio_kills} ops in flight \
-         got EIO, {known_bug_hits} renames left their target gone (known bug)"
+         got EIO"
     );
     assert!(
         inflight_kills > 0,
@@ -1101,11 +1045,13 @@ fn kill_rounds(transport_opts: &str, label: &str) {
 
 #[test]
 fn kill_9_during_copy_up_rename_unlink_work_fuse() {
+    let _one_at_a_time = killing_alone();
     kill_rounds("nofuseblk", "kill_9_fuse");
 }
 
 #[test]
 fn kill_9_during_copy_up_rename_unlink_work_fuseblk() {
+    let _one_at_a_time = killing_alone();
     kill_rounds("", "kill_9_fuseblk");
 }
 
@@ -1145,7 +1091,6 @@ fn checks_catch_partial_empty_hidden_and_leftover_entries() {
     let st = Allowed {
         states: vec![model.clone()],
         after: 0,
-        loose: None,
     };
     let problems = with_timeout(60, move || check_subtree(&root, &st))
         .expect_err("planted defects must be reported");
@@ -1253,6 +1198,7 @@ fn wait_dead(pid: i32) -> bool {
 /// and for a directory.
 #[test]
 fn kill_inside_copy_up_leaves_the_lower_object_and_a_clean_work_dir() {
+    let _one_at_a_time = killing_alone();
     for transport in ["nofuseblk", ""] {
         let s = Scratch::new();
         let l = s.layers(1, true);
@@ -1307,16 +1253,14 @@ fn kill_inside_copy_up_leaves_the_lower_object_and_a_clean_work_dir() {
     }
 }
 
-/// A new directory or file must appear whole or not at all. ovlfuse creates it under its
-/// real name with mode 0700/0600, then chowns and chmods it: a daemon killed in between
-/// (here at that `fchmodat`) leaves a directory with mode 0700 where mkdir asked for 0755,
-/// and a file with 0600 where open(O_CREAT) asked for 0644 (and, for a caller other than
-/// root, one killed before the chown leaves it owned by root). The kernel overlay creates
-/// the object with its final owner and mode in one step (or in the work dir, then renames).
+/// A new directory or file must appear whole or not at all: a daemon killed after making
+/// the object but before giving it its owner and mode (here at that `fchmodat`) must not
+/// leave a directory with mode 0700 where mkdir asked for 0755, or a file with 0600 where
+/// open(O_CREAT) asked for 0644. ovlfuse builds the object in the work dir and renames it
+/// into place, as the kernel overlay does over a whiteout.
 #[test]
-#[ignore = "bug in src/namespace.rs make(): new objects are created under their real name \
-            with a staging mode (0700/0600) and chmodded afterwards, so a kill leaves them so"]
 fn kill_between_creating_and_chmodding_a_new_object_leaves_nothing_or_the_whole_object() {
+    let _one_at_a_time = killing_alone();
     // SAFETY: only this process's file-creation mask.
     unsafe { libc::umask(0o022) };
     let s = Scratch::new();
@@ -1368,12 +1312,14 @@ fn kill_between_creating_and_chmodding_a_new_object_leaves_nothing_or_the_whole_
 /// removes the leftover.
 #[test]
 fn kill_after_the_exchange_of_an_rmdir_leaves_it_done() {
+    let _one_at_a_time = killing_alone();
     {
         let transport = "nofuseblk";
         let s = Scratch::new();
         let l = s.layers(1, true);
         l.lower(0).write_file("d/x", b"x", 0o644);
         l.up().mkdir("d", 0o755).whiteout("d/x");
+        clear_stale_registry_entries(&l);
         let m = mount_dying(&l, transport, die_at_first_unlink);
         let pid = m.daemon_pid().expect("daemon pid");
         let p = m.p("d");
@@ -1405,17 +1351,14 @@ fn kill_after_the_exchange_of_an_rmdir_leaves_it_done() {
 }
 
 /// A rename of a directory over one that lower layers take part in (empty in the union)
-/// must leave the target in its before or after state. ovlfuse moves the target into the
-/// work dir, removes it, and only then renames the source over the name: a daemon killed
-/// in between leaves the source in place and, under the target name, the lower directory
-/// again, with the entries the union had deleted back (here the kill comes at the removal
-/// of the whiteout inside the moved-away target).
-/// The kernel overlay first exchanges the target with an empty opaque directory
-/// made in the work dir (`ovl_clear_empty`), so the name never disappears.
+/// must leave the target in its before or after state, even when the daemon is killed
+/// while the target's old upper directory (with its whiteouts) is being removed: the name
+/// must never show the lower entries the union had deleted. Like the kernel overlay
+/// (`ovl_clear_empty`), ovlfuse first exchanges the target with an empty opaque directory
+/// made in the work dir, so the name never disappears.
 #[test]
-#[ignore = "bug in src/namespace.rs move_into_place(): a rename over a merged empty \
-            directory removes the target before renaming, so a kill brings its lower entries back"]
 fn kill_inside_a_rename_over_a_merged_directory_leaves_the_before_or_after_state() {
+    let _one_at_a_time = killing_alone();
     let s = Scratch::new();
     let l = s.layers(1, true);
     l.lower(0).write_file("target/x", b"lower\n", 0o644);
@@ -1424,6 +1367,7 @@ fn kill_inside_a_rename_over_a_merged_directory_leaves_the_before_or_after_state
         .mkdir("target", 0o755)
         .whiteout("target/x")
         .write_file("src/f", b"moved\n", 0o644);
+    clear_stale_registry_entries(&l);
     let m = mount_dying(&l, "nofuseblk", die_at_first_unlink);
     let pid = m.daemon_pid().expect("daemon pid");
     let (a, b) = (m.p("src"), m.p("target"));
