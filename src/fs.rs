@@ -239,7 +239,7 @@ impl OverlayFs {
     fn sync_parent_dir(&self, node: &Node) -> Option<i32> {
         let parent = self.union.inodes.get(node.state().parent)?;
         let state = parent.state();
-        if !(self.union.stack.has_upper() && state.layer == 0) {
+        if !(self.union.stack.has_upper() && state.layer() == 0) {
             return None;
         }
         state
@@ -306,7 +306,7 @@ impl OverlayFs {
             st.st_nlink as u32
         };
         Ok(FileAttr {
-            ino: INodeNo(node.ino),
+            ino: INodeNo(self.union.inodes.ino(node)),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: time(st.st_atime, st.st_atime_nsec),
@@ -354,7 +354,7 @@ impl OverlayFs {
 
     /// How long the kernel may cache what it learns about `node`.
     fn ttl_of(&self, node: &Node) -> Duration {
-        if self.union.stack.has_upper() && node.state().layer == 0 {
+        if self.union.stack.has_upper() && node.state().layer() == 0 {
             self.settings.ttl
         } else {
             self.settings.lower_ttl
@@ -424,13 +424,13 @@ impl OverlayFs {
             .union
             .inodes
             .get(state.parent)
-            .map(|p| p.ino)
-            .unwrap_or(dir.ino);
+            .map(|p| self.union.inodes.ino(&p))
+            .unwrap_or_else(|| self.union.inodes.ino(dir));
         readdir::list(
             &self.union.stack,
             &self.union.inodes,
             &state.merged,
-            dir.ino,
+            self.union.inodes.ino(dir),
             parent_ino,
         )
         .map_err(errno)
@@ -836,7 +836,7 @@ impl fuser::Filesystem for OverlayFs {
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
             let file = state.obj.reopen(real_flags).map_err(errno)?;
-            let below_upper = !(self.union.stack.has_upper() && state.layer == 0);
+            let below_upper = !(self.union.stack.has_upper() && state.layer() == 0);
             let follows = below_upper.then(|| LowerOpen {
                 node: node.clone(),
                 source: state.obj.clone(),
@@ -1084,7 +1084,7 @@ impl fuser::Filesystem for OverlayFs {
         // A directory only in lower layers has nothing of ours to flush.
         let result = self.node(ino).and_then(|dir| {
             let state = dir.state();
-            if !(self.union.stack.has_upper() && state.layer == 0) {
+            if !(self.union.stack.has_upper() && state.layer() == 0) {
                 return Ok(());
             }
             let fd = state

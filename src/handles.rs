@@ -20,10 +20,10 @@
 //! `try_lock` while holding no other lock, so it never waits on an object that is itself
 //! evicting others.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -37,6 +37,11 @@ const MIN_BUDGET: usize = 32;
 const REFRESH_EVERY: usize = 64;
 /// `MAX_HANDLE_SZ` of the kernel.
 const MAX_HANDLE_BYTES: usize = 128;
+/// Handles up to this long (ext4, xfs, tmpfs, btrfs without parent: 8 to 20 bytes... most
+/// of them) are kept inside the object; longer ones in the cache's side table.
+const INLINE_HANDLE: usize = 18;
+/// `Closed::len` of a handle kept in the side table.
+const IN_SIDE_TABLE: u8 = u8::MAX;
 
 /// How one layer's objects are reopened from their handles.
 #[derive(Debug)]
@@ -62,28 +67,57 @@ pub struct FdCache {
     /// Objects holding an evictable descriptor, oldest first (entries of objects dropped
     /// meanwhile are skipped and pruned).
     queue: Mutex<VecDeque<Weak<Obj>>>,
+    /// Handles too long to keep inline, by object address.
+    long_handles: Mutex<HashMap<usize, Handle>>,
+}
+
+/// A file handle as `name_to_handle_at` gave it.
+#[derive(Debug, Clone)]
+struct Handle {
+    kind: i32,
+    bytes: Box<[u8]>,
 }
 
 /// A reference to one layer object (cheap to clone; clones are the same reference).
 #[derive(Debug, Clone)]
 pub struct ObjRef(Arc<Obj>);
 
+/// Kept small on purpose: there is one per node the kernel remembers (a million for a walk
+/// of a million entries), so everything but the cache pointer lives in the locked slot.
 #[derive(Debug)]
 struct Obj {
     cache: Arc<FdCache>,
-    layer: LayerIndex,
     slot: Mutex<Slot>,
-    /// Used since the eviction sweep last passed it (its second chance).
-    used: AtomicBool,
 }
 
 #[derive(Debug)]
-struct Slot {
-    fd: Option<Arc<OwnedFd>>,
-    /// `struct file_handle` as the kernel filled it, once the descriptor was let go.
-    handle: Option<Box<[u8]>>,
-    /// The descriptor is never let go (and not counted in the budget).
-    pinned: bool,
+enum Slot {
+    /// The object's descriptor is open.
+    Open {
+        fd: Arc<OwnedFd>,
+        layer: LayerIndex,
+        /// Used since the eviction sweep last passed it (its second chance).
+        used: bool,
+        /// Never let go (and not counted in the budget): there is no way back without it.
+        pinned: bool,
+    },
+    /// Let go of; reopened from its handle when next used.
+    Closed {
+        layer: LayerIndex,
+        /// `handle_type` (when it fits a byte; else the handle is in the side table).
+        kind: u8,
+        /// Bytes of `bytes` used, or [`IN_SIDE_TABLE`].
+        len: u8,
+        bytes: [u8; INLINE_HANDLE],
+    },
+}
+
+impl Slot {
+    fn layer(&self) -> LayerIndex {
+        match self {
+            Slot::Open { layer, .. } | Slot::Closed { layer, .. } => *layer,
+        }
+    }
 }
 
 impl FdCache {
@@ -111,6 +145,7 @@ impl FdCache {
             fixed: AtomicUsize::new(0),
             taken: AtomicUsize::new(0),
             queue: Mutex::new(VecDeque::new()),
+            long_handles: Mutex::new(HashMap::new()),
         })
     }
 
@@ -122,13 +157,12 @@ impl FdCache {
             .is_some_and(|d| d.is_some());
         let obj = Arc::new(Obj {
             cache: Arc::clone(self),
-            layer,
-            slot: Mutex::new(Slot {
-                fd: Some(Arc::new(fd)),
-                handle: None,
+            slot: Mutex::new(Slot::Open {
+                fd: Arc::new(fd),
+                layer,
+                used: false,
                 pinned: !evictable,
             }),
-            used: AtomicBool::new(false),
         });
         if evictable {
             self.admit(&obj);
@@ -226,38 +260,71 @@ impl FdCache {
                 self.queue.lock().push_back(weak);
                 continue;
             };
-            if slot.fd.is_none() || slot.pinned {
+            let Slot::Open {
+                fd,
+                layer,
+                used,
+                pinned,
+            } = &mut *slot
+            else {
+                continue;
+            };
+            if *pinned {
                 continue;
             }
-            if obj.used.swap(false, Ordering::Relaxed) {
+            if std::mem::take(used) {
                 drop(slot);
                 self.queue.lock().push_back(weak);
                 continue;
             }
-            if slot.handle.is_none() {
-                match self.handle_of(obj.layer, slot.fd.as_deref()) {
-                    Some(handle) => slot.handle = Some(handle),
-                    None => {
-                        // No way back without the descriptor: keep it, outside the budget.
-                        slot.pinned = true;
-                        self.held.fetch_sub(1, Ordering::Relaxed);
-                        continue;
-                    }
-                }
+            let layer = *layer;
+            match self.handle_of(layer, fd) {
+                Some(handle) => *slot = self.closed(&obj, layer, handle),
+                // No way back without the descriptor: keep it, outside the budget.
+                None => *pinned = true,
             }
-            slot.fd = None;
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
+    /// The closed slot of `obj` for `handle` (kept inline when it fits).
+    fn closed(&self, obj: &Arc<Obj>, layer: LayerIndex, handle: Handle) -> Slot {
+        match u8::try_from(handle.kind) {
+            Ok(kind) if handle.bytes.len() <= INLINE_HANDLE => {
+                let mut bytes = [0; INLINE_HANDLE];
+                bytes[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+                Slot::Closed {
+                    layer,
+                    kind,
+                    len: handle.bytes.len() as u8,
+                    bytes,
+                }
+            }
+            _ => self.closed_aside(obj, layer, handle),
+        }
+    }
+
+    /// The closed slot of `obj`, its handle kept in the side table.
+    fn closed_aside(&self, obj: &Arc<Obj>, layer: LayerIndex, handle: Handle) -> Slot {
+        self.long_handles
+            .lock()
+            .insert(Arc::as_ptr(obj) as usize, handle);
+        Slot::Closed {
+            layer,
+            kind: 0,
+            len: IN_SIDE_TABLE,
+            bytes: [0; INLINE_HANDLE],
+        }
+    }
+
     /// The file handle of an object's descriptor, if its layer can reopen it from that.
-    fn handle_of(&self, layer: LayerIndex, fd: Option<&OwnedFd>) -> Option<Box<[u8]>> {
+    fn handle_of(&self, layer: LayerIndex, fd: &OwnedFd) -> Option<Handle> {
         let decoder = self.decoders.get(layer as usize)?.as_ref()?;
-        let (handle, mount_id) = name_to_handle(fd?.as_fd()).ok()?;
+        let (handle, mount_id) = name_to_handle(fd.as_fd()).ok()?;
         (mount_id == decoder.mount_id).then_some(handle)
     }
 
-    fn reopen(&self, layer: LayerIndex, handle: &[u8]) -> io::Result<OwnedFd> {
+    fn reopen(&self, layer: LayerIndex, handle: &Handle) -> io::Result<OwnedFd> {
         let decoder = self
             .decoders
             .get(layer as usize)
@@ -273,17 +340,45 @@ impl ObjRef {
     pub fn fd(&self) -> io::Result<Arc<OwnedFd>> {
         let obj = &self.0;
         let mut slot = obj.slot.lock();
-        if let Some(fd) = &slot.fd {
-            obj.used.store(true, Ordering::Relaxed);
-            return Ok(Arc::clone(fd));
-        }
-        let handle = slot
-            .handle
-            .as_deref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-        let fd = Arc::new(obj.cache.reopen(obj.layer, handle)?);
-        slot.fd = Some(Arc::clone(&fd));
+        let (layer, handle) = match &mut *slot {
+            Slot::Open { fd, used, .. } => {
+                *used = true;
+                return Ok(Arc::clone(fd));
+            }
+            Slot::Closed {
+                layer,
+                kind,
+                len,
+                bytes,
+            } => {
+                let handle = match *len {
+                    IN_SIDE_TABLE => obj
+                        .cache
+                        .long_handles
+                        .lock()
+                        .get(&(Arc::as_ptr(obj) as usize))
+                        .cloned()
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?,
+                    n => Handle {
+                        kind: i32::from(*kind),
+                        bytes: bytes[..n as usize].into(),
+                    },
+                };
+                (*layer, handle)
+            }
+        };
+        let fd = Arc::new(obj.cache.reopen(layer, &handle)?);
+        *slot = Slot::Open {
+            fd: Arc::clone(&fd),
+            layer,
+            used: false,
+            pinned: false,
+        };
         drop(slot);
+        obj.cache
+            .long_handles
+            .lock()
+            .remove(&(Arc::as_ptr(obj) as usize));
         obj.cache.admit(obj);
         Ok(fd)
     }
@@ -303,15 +398,23 @@ impl ObjRef {
 
     /// The layer the object is in.
     pub fn layer(&self) -> LayerIndex {
-        self.0.layer
+        self.0.slot.lock().layer()
     }
 }
 
 impl Drop for Obj {
     fn drop(&mut self) {
-        let slot = self.slot.get_mut();
-        if slot.fd.is_some() && !slot.pinned {
-            self.cache.held.fetch_sub(1, Ordering::Relaxed);
+        match self.slot.get_mut() {
+            Slot::Open { pinned: false, .. } => {
+                self.cache.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            Slot::Closed {
+                len: IN_SIDE_TABLE, ..
+            } => {
+                let key = self as *const Obj as usize;
+                self.cache.long_handles.lock().remove(&key);
+            }
+            _ => {}
         }
     }
 }
@@ -347,24 +450,31 @@ fn probe(root: BorrowedFd<'_>) -> io::Result<Decoder> {
     Ok(Decoder { mount_fd, mount_id })
 }
 
-/// Header of `struct file_handle`: `handle_bytes` (u32) then `handle_type` (i32).
-const HEADER: usize = 8;
+/// `struct file_handle`: `handle_bytes`, `handle_type`, then the handle itself.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_BYTES],
+}
 
-/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the object's handle (as the kernel's
-/// `struct file_handle`, trimmed to its length) and the id of the mount it is on.
-fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(Box<[u8]>, i32)> {
-    // u32-aligned storage for the struct.
-    let mut buf = [0u32; (HEADER + MAX_HANDLE_BYTES) / 4];
-    buf[0] = MAX_HANDLE_BYTES as u32;
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the object's handle and the id of the mount
+/// it is on.
+fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(Handle, i32)> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_BYTES as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_BYTES],
+    };
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: buf is a writable struct file_handle with room for MAX_HANDLE_BYTES; the empty
+    // SAFETY: raw is a writable struct file_handle with room for MAX_HANDLE_BYTES; the empty
     // path with AT_EMPTY_PATH names fd itself.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
             fd.as_raw_fd(),
             c"".as_ptr(),
-            buf.as_mut_ptr(),
+            &mut raw,
             &mut mount_id,
             libc::AT_EMPTY_PATH,
         )
@@ -372,26 +482,30 @@ fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(Box<[u8]>, i32)> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    let len = HEADER + (buf[0] as usize).min(MAX_HANDLE_BYTES);
-    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).take(len).collect();
-    Ok((bytes.into_boxed_slice(), mount_id))
+    let len = (raw.handle_bytes as usize).min(MAX_HANDLE_BYTES);
+    let handle = Handle {
+        kind: raw.handle_type,
+        bytes: raw.f_handle[..len].into(),
+    };
+    Ok((handle, mount_id))
 }
 
 /// `open_by_handle_at(mount_fd, handle, O_PATH)`: an object's descriptor back from its
 /// handle (a symlink's handle gives the link itself).
-fn open_by_handle(mount_fd: BorrowedFd<'_>, handle: &[u8]) -> io::Result<OwnedFd> {
-    let mut buf = [0u32; (HEADER + MAX_HANDLE_BYTES) / 4];
-    for (i, chunk) in handle.chunks(4).enumerate() {
-        let mut word = [0u8; 4];
-        word[..chunk.len()].copy_from_slice(chunk);
-        buf[i] = u32::from_ne_bytes(word);
-    }
-    // SAFETY: buf holds a struct file_handle as name_to_handle_at filled it.
+fn open_by_handle(mount_fd: BorrowedFd<'_>, handle: &Handle) -> io::Result<OwnedFd> {
+    let len = handle.bytes.len().min(MAX_HANDLE_BYTES);
+    let mut raw = RawHandle {
+        handle_bytes: len as u32,
+        handle_type: handle.kind,
+        f_handle: [0; MAX_HANDLE_BYTES],
+    };
+    raw.f_handle[..len].copy_from_slice(&handle.bytes[..len]);
+    // SAFETY: raw holds a struct file_handle as name_to_handle_at filled it.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_open_by_handle_at,
             mount_fd.as_raw_fd(),
-            buf.as_mut_ptr(),
+            &mut raw,
             libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     };
@@ -445,7 +559,7 @@ mod tests {
         }
         assert!(cache.held() <= 4, "held {} with budget 4", cache.held());
         assert!(
-            objs[0].0.0.slot.lock().fd.is_some(),
+            matches!(*objs[0].0.0.slot.lock(), Slot::Open { .. }),
             "a used object was evicted"
         );
         std::fs::rename(path.join("f1"), path.join("moved")).expect("rename");
@@ -460,6 +574,44 @@ mod tests {
 
     /// A deleted object that nobody has open any more cannot come back: ESTALE, not some
     /// other object.
+    /// A handle too long to keep inline round-trips through the side table, which lets go
+    /// of it when the object is reopened or dropped.
+    #[test]
+    fn long_handles_are_kept_aside_and_released() {
+        let (path, root) = dir();
+        let cache = FdCache::new(&[root.as_fd()]);
+        if cache.decoders[0].is_none() {
+            return;
+        }
+        std::fs::write(path.join("f"), b"x").expect("write");
+        let fd = sys::open_path_at(root.as_fd(), c"f").expect("open");
+        let k = key(&fd);
+        let obj = cache.adopt(0, fd);
+        let (handle, _) = name_to_handle(obj.fd().expect("fd").as_fd()).expect("handle");
+        *obj.0.slot.lock() = cache.closed_aside(&obj.0, 0, handle);
+        cache.held.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(cache.long_handles.lock().len(), 1);
+        assert_eq!(key(&obj.fd().expect("reopen")), k);
+        assert_eq!(cache.long_handles.lock().len(), 0, "kept after the reopen");
+        let (handle, _) = name_to_handle(obj.fd().expect("fd").as_fd()).expect("handle");
+        *obj.0.slot.lock() = cache.closed_aside(&obj.0, 0, handle);
+        cache.held.fetch_sub(1, Ordering::Relaxed);
+        drop(obj);
+        assert_eq!(cache.long_handles.lock().len(), 0, "kept after the drop");
+        assert_eq!(cache.held(), 0);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+
+    #[test]
+    fn objects_stay_small() {
+        // Arc header + Obj within a 64-byte malloc chunk (56 usable).
+        assert!(
+            std::mem::size_of::<Obj>() <= 40,
+            "{}",
+            std::mem::size_of::<Obj>()
+        );
+    }
+
     #[test]
     fn a_deleted_object_comes_back_as_stale() {
         let (path, root) = dir();

@@ -491,8 +491,8 @@ fn check_file(node: &Node) -> (Option<i32>, bool) {
     let unlinked = sys::stat_fd(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0);
     if let Some(e) = error {
         log::error!(
-            "writeback of an upper file (inode {}) failed: {}",
-            node.ino,
+            "writeback of an upper file (node {}) failed: {}",
+            node.id,
             errno_name(e)
         );
         node.wb_err.set(e);

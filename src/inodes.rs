@@ -13,8 +13,9 @@
 //! child takes its parent's `copy_up` lock after its own (child before parent, always upward),
 //! so two copy-ups cannot wait on each other.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -33,8 +34,6 @@ pub type ObjectKey = (u64, u64);
 /// What a node stands for right now. Cheap to clone: the handles are shared.
 #[derive(Debug, Clone)]
 pub struct NodeState {
-    /// The layer that holds the visible object (0 is the upper layer when there is one).
-    pub layer: LayerIndex,
     /// The visible object (the link itself for a symlink).
     pub obj: ObjRef,
     /// Layer directories merged into this directory, top first (empty for non-directories).
@@ -42,15 +41,74 @@ pub struct NodeState {
     /// Node id of the directory this one was last found in, and its name there: copy-up
     /// needs a place in the upper layer to put the object.
     pub parent: u64,
-    pub name: OsString,
+    pub name: Name,
+}
+
+/// A name within a directory, kept without a heap allocation when it is short (most are):
+/// the daemon keeps one per node the kernel remembers, which for a walk of a million
+/// entries is a million names.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Name {
+    Short { len: u8, bytes: [u8; SHORT_NAME] },
+    Long(Box<[u8]>),
+}
+
+const SHORT_NAME: usize = 22;
+
+impl Name {
+    pub fn new(name: &OsStr) -> Name {
+        let b = name.as_bytes();
+        if b.len() <= SHORT_NAME {
+            let mut bytes = [0; SHORT_NAME];
+            bytes[..b.len()].copy_from_slice(b);
+            Name::Short {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            Name::Long(b.into())
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = OsStr;
+
+    fn deref(&self) -> &OsStr {
+        match self {
+            Name::Short { len, bytes } => OsStr::from_bytes(&bytes[..*len as usize]),
+            Name::Long(b) => OsStr::from_bytes(b),
+        }
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// The `merged` of every non-directory: one shared empty list instead of an allocation per
+/// node.
+pub fn no_layer_dirs() -> Arc<Vec<LayerDir>> {
+    static EMPTY: std::sync::LazyLock<Arc<Vec<LayerDir>>> =
+        std::sync::LazyLock::new(|| Arc::new(Vec::new()));
+    Arc::clone(&EMPTY)
+}
+
+/// `dirs` shared, or the shared empty list.
+pub fn layer_dirs(dirs: Vec<LayerDir>) -> Arc<Vec<LayerDir>> {
+    if dirs.is_empty() {
+        no_layer_dirs()
+    } else {
+        Arc::new(dirs)
+    }
 }
 
 /// One object of the union, as the kernel knows it.
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
-    /// The inode number shown to users (equal to `id`, except for the root).
-    pub ino: u64,
     /// `S_IFMT` bits of the object.
     pub file_type: u32,
     state: RwLock<NodeState>,
@@ -64,6 +122,13 @@ pub struct Node {
     pub wb_err: ErrSeq,
     /// Whether the node is on the health checker's list of files written since last checked.
     pub watched: AtomicBool,
+}
+
+impl NodeState {
+    /// The layer that holds the visible object (0 is the upper layer when there is one).
+    pub fn layer(&self) -> LayerIndex {
+        self.obj.layer()
+    }
 }
 
 impl Node {
@@ -82,32 +147,56 @@ impl Node {
     }
 
     /// The node was renamed: it now lives in `parent` under `name`.
-    pub fn moved(&self, parent: u64, name: OsString) {
+    pub fn moved(&self, parent: u64, name: &OsStr) {
         let mut s = self.state.write();
         s.parent = parent;
-        s.name = name;
+        s.name = Name::new(name);
     }
 
     /// The kernel looked the node up in `parent` under `name` (a lower hard link has
     /// several such places): later copy-ups put it there.
-    fn found_at(&self, parent: u64, name: &std::ffi::OsStr) {
+    fn found_at(&self, parent: u64, name: &OsStr) {
         let same = {
             let s = self.state.read();
-            s.parent == parent && s.name == name
+            s.parent == parent && *s.name == *name
         };
         if !same {
-            self.moved(parent, name.to_owned());
+            self.moved(parent, name);
         }
     }
 }
 
-fn state_of(resolved: Resolved, parent: u64, name: OsString) -> NodeState {
+fn state_of(resolved: Resolved, parent: u64, name: &OsStr) -> NodeState {
     NodeState {
-        layer: resolved.layer,
         obj: resolved.obj,
-        merged: Arc::new(resolved.merged),
+        merged: layer_dirs(resolved.merged),
         parent,
-        name,
+        name: Name::new(name),
+    }
+}
+
+/// A node in the table, found by its id: a set of these costs half the memory of a map from
+/// id to node (the id is in the node already), which counts at a million nodes.
+struct ById(Arc<Node>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `u64` hashes: `Borrow<u64>` lookups must find it.
+        self.0.id.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<u64> for ById {
+    fn borrow(&self) -> &u64 {
+        &self.0.id
     }
 }
 
@@ -120,9 +209,10 @@ fn state_of(resolved: Resolved, parent: u64, name: OsString) -> NodeState {
 /// id it had, and the lower object it came from (still reachable through another hard link)
 /// gets a new one.
 pub struct InodeTable {
-    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    nodes: RwLock<HashSet<ById>>,
     overrides: Mutex<HashMap<ObjectKey, u64>>,
     inos: InoSpace,
+    root_ino: u64,
 }
 
 impl InodeTable {
@@ -132,9 +222,8 @@ impl InodeTable {
         let key = (root.stat.st_dev, root.stat.st_ino);
         let node = Arc::new(Node {
             id: ROOT_ID,
-            ino: inos.ino(key),
             file_type: libc::S_IFDIR,
-            state: RwLock::new(state_of(root, ROOT_ID, OsString::new())),
+            state: RwLock::new(state_of(root, ROOT_ID, OsStr::new(""))),
             copy_up: Mutex::new(()),
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1 << 62),
@@ -143,17 +232,30 @@ impl InodeTable {
         });
         let mut overrides = HashMap::new();
         overrides.insert(key, ROOT_ID);
-        let mut nodes = HashMap::new();
-        nodes.insert(ROOT_ID, node);
+        // Only the id, which never changes, is hashed and compared: the interior mutability
+        // of the rest of the node cannot move it in the set.
+        #[allow(clippy::mutable_key_type)]
+        let mut nodes = HashSet::new();
+        nodes.insert(ById(node));
         InodeTable {
             nodes: RwLock::new(nodes),
             overrides: Mutex::new(overrides),
+            root_ino: inos.ino(key),
             inos,
         }
     }
 
+    /// The inode number users see for `node`: its id, except for the root's (always 1 in
+    /// FUSE), which shows the number of its layer object.
+    pub fn ino(&self, node: &Node) -> u64 {
+        match node.id {
+            ROOT_ID => self.root_ino,
+            id => id,
+        }
+    }
+
     pub fn get(&self, id: u64) -> Option<Arc<Node>> {
-        self.nodes.read().get(&id).cloned()
+        self.nodes.read().get(&id).map(|n| n.0.clone())
     }
 
     /// The node id (and user-visible inode number) of a layer object.
@@ -181,7 +283,7 @@ impl InodeTable {
     /// written name would have lost the data, and the other would show it.
     pub fn lookup(&self, parent: u64, name: &std::ffi::OsStr, resolved: Resolved) -> Arc<Node> {
         let id = self.id_of((resolved.stat.st_dev, resolved.stat.st_ino));
-        let known = self.nodes.read().get(&id).cloned();
+        let known = self.nodes.read().get(&id).map(|n| n.0.clone());
         if let Some(node) = known {
             node.lookups.fetch_add(1, Ordering::Relaxed);
             node.found_at(parent, name);
@@ -189,20 +291,23 @@ impl InodeTable {
         }
         let mut nodes = self.nodes.write();
         // Another thread may have inserted it between the two locks.
-        let node = nodes.entry(id).or_insert_with(|| {
-            Arc::new(Node {
-                id,
-                ino: id,
-                file_type: resolved.stat.st_mode & libc::S_IFMT,
-                state: RwLock::new(state_of(resolved, parent, name.to_owned())),
-                copy_up: Mutex::new(()),
-                lookups: AtomicU64::new(0),
-                wb_err: ErrSeq::new(),
-                watched: AtomicBool::new(false),
-            })
-        });
+        let node = match nodes.get(&id) {
+            Some(known) => known.0.clone(),
+            None => {
+                let node = Arc::new(Node {
+                    id,
+                    file_type: resolved.stat.st_mode & libc::S_IFMT,
+                    state: RwLock::new(state_of(resolved, parent, name)),
+                    copy_up: Mutex::new(()),
+                    lookups: AtomicU64::new(0),
+                    wb_err: ErrSeq::new(),
+                    watched: AtomicBool::new(false),
+                });
+                nodes.insert(ById(node.clone()));
+                node
+            }
+        };
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        let node = node.clone();
         drop(nodes);
         node.found_at(parent, name);
         node
@@ -226,7 +331,7 @@ impl InodeTable {
             return;
         }
         let mut nodes = self.nodes.write();
-        let Some(node) = nodes.get(&id) else {
+        let Some(ById(node)) = nodes.get(&id) else {
             return;
         };
         let before = node.lookups.load(Ordering::Relaxed);
@@ -317,12 +422,31 @@ mod tests {
         let again = table.lookup(7, "b".as_ref(), resolved("/tmp"));
         assert!(Arc::ptr_eq(&first, &again), "one object, one node");
         let state = first.state();
-        assert_eq!((state.parent, state.name.as_os_str()), (7, "b".as_ref()));
+        assert_eq!((state.parent, &*state.name), (7, OsStr::new("b")));
         // Both lookups count: one forget leaves the node, the second removes it.
         table.forget(first.id, 1);
         assert!(table.get(first.id).is_some());
         table.forget(first.id, 1);
         assert!(table.get(first.id).is_none());
+    }
+
+    /// One node per entry the kernel remembers: a walk of a million entries must fit the
+    /// daemon in 200 MiB, so a node (with its `Arc` header) stays within a 112-byte malloc
+    /// chunk and short names need no allocation of their own.
+    #[test]
+    fn nodes_stay_small() {
+        assert!(
+            std::mem::size_of::<Node>() <= 88,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+        assert!(std::mem::size_of::<Name>() <= 24);
+        assert!(matches!(
+            Name::new(OsStr::new("a-name-of-22-bytes-xyz")),
+            Name::Short { .. }
+        ));
+        let long = Name::new(OsStr::new("a-name-of-23-bytes-wxyz"));
+        assert_eq!(&*long, OsStr::new("a-name-of-23-bytes-wxyz"));
     }
 
     #[test]

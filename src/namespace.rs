@@ -93,7 +93,7 @@ impl Union {
     }
 
     fn is_upper(&self, state: &NodeState) -> bool {
-        self.stack.has_upper() && state.layer == 0
+        self.stack.has_upper() && state.layer() == 0
     }
 
     fn require_upper(&self) -> io::Result<()> {
@@ -159,10 +159,10 @@ impl Union {
         } else {
             Vec::new()
         };
+        let merged = crate::inodes::layer_dirs(merged);
         let new_state = NodeState {
-            layer: 0,
             obj,
-            merged: Arc::new(merged),
+            merged,
             parent: state.parent,
             name: state.name.clone(),
         };
@@ -463,11 +463,11 @@ impl Union {
             )
         })();
         if result.is_ok() {
-            src_node.moved(newparent.id, newname.to_owned());
+            src_node.moved(newparent.id, newname);
             if let Some(d) = &dst_node
                 && exchange
             {
-                d.moved(parent.id, name.to_owned());
+                d.moved(parent.id, name);
             }
         }
         self.inodes.forget(src_node.id, 1);
