@@ -36,8 +36,8 @@ pub struct CopyUpOptions<'a> {
     pub private_xattr_prefix: &'a str,
     /// `false` e.g. for `open(O_TRUNC)`: a regular file is created empty.
     pub with_data: bool,
-    /// fsync the new object before the rename and the upper parent after it; `false` in
-    /// volatile (`fsync=0`) mode.
+    /// fsync the new object before the rename (so no crash can show a partial copy under
+    /// the name); `false` in volatile (`fsync=0`) mode.
     pub durable: bool,
 }
 
@@ -53,8 +53,7 @@ pub struct CopyUpOptions<'a> {
 ///
 /// Returns an `O_PATH | O_NOFOLLOW` handle of the new upper object. Fails with `EEXIST` if
 /// `name` already exists in `upper_parent`. On any failure before the rename, the temporary
-/// object is removed. If only the final fsync of `upper_parent` fails, the object is already
-/// in place and the fsync error is returned.
+/// object is removed.
 pub fn copy_up(
     src: BorrowedFd<'_>,
     work: BorrowedFd<'_>,
@@ -133,15 +132,12 @@ pub fn copy_up(
     }
     drop(data_fd);
 
+    // The rename itself is not flushed (the kernel overlay does not either): a crash before
+    // the next flush of `upper_parent` loses the copy, never half of it, and the lower
+    // object shows again. An fsync of the object flushes the directory (the caller marks
+    // the name as not yet durable).
     sys::rename_at(work, &temp, upper_parent, &name, libc::RENAME_NOREPLACE)?;
     guard.armed = false;
-
-    if opts.durable {
-        sys::sync_fd(
-            sys::reopen(upper_parent, libc::O_RDONLY | libc::O_DIRECTORY)?.as_fd(),
-            false,
-        )?;
-    }
     Ok(handle)
 }
 

@@ -125,21 +125,25 @@ fn build_fs(stack: LayerStack, config: &MountConfig) -> Result<OverlayFs, String
     .map_err(|e| format!("cannot read the layers' root directories: {e}"))
 }
 
-/// How long the kernel may cache entries and attributes of objects only in lower layers,
-/// unless `timeout=` says otherwise.
-const LOWER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the kernel may cache entries and attributes unless `timeout=` says otherwise:
+/// every change to a layer object goes through the union, which tells the kernel (each
+/// request the kernel sends updates or invalidates what it cached for the objects it
+/// touches; a copy-up keeps the inode number and attributes), so nothing it caches can go
+/// stale behind its back — changing the layer directories under a mounted union is not
+/// supported, as on the kernel overlay.
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The entry and attribute timeout of a volatile mount without `timeout=`: short, so that a
+/// poisoned mount's refusals are not hidden by the kernel's caches.
+const VOLATILE_TTL: Duration = Duration::from_secs(1);
 
 fn settings(config: &MountConfig) -> FsSettings {
-    let ttl = Duration::from_secs_f64(config.timeout.unwrap_or(1.0).max(0.0));
+    let ttl = match config.timeout {
+        Some(t) => Duration::from_secs_f64(t.max(0.0)),
+        None if config.volatile => VOLATILE_TTL,
+        None => DEFAULT_TTL,
+    };
     FsSettings {
         ttl,
-        // Objects only in lower layers change only through the union; an explicit timeout=
-        // is taken as it is, and a volatile mount keeps caches short (see `cache`).
-        lower_ttl: match config.timeout {
-            Some(_) => ttl,
-            None if config.volatile => ttl,
-            None => LOWER_TTL,
-        },
         cache: !config.volatile,
         max_write: None,
         ids: crate::idmap::IdMap::from_config(config),

@@ -42,12 +42,8 @@ use crate::xattr::{self, Caller};
 /// Settings the adapter needs from the mount configuration.
 #[derive(Debug, Clone)]
 pub struct FsSettings {
-    /// How long the kernel may cache entries and attributes of objects in the upper layer.
+    /// How long the kernel may cache entries and attributes.
     pub ttl: Duration,
-    /// The same for objects that live only in lower layers: they change only through the
-    /// union, which tells the kernel itself (a copy-up keeps the inode number and the
-    /// attributes), so they may be cached much longer.
-    pub lower_ttl: Duration,
     /// Let the kernel keep file pages across opens (`FOPEN_KEEP_CACHE`): every change goes
     /// through the union, which keeps them coherent.
     /// Off for volatile mounts, so that a poisoned mount's refusals are not hidden by caches.
@@ -83,9 +79,6 @@ struct OpenFile {
     file: RwLock<Arc<OwnedFd>>,
     /// This handle's cursor on the node's writeback errors (sampled at open).
     wb_since: Mutex<Cursor>,
-    /// Created by this open: the first fsync also flushes the parent directory, so the
-    /// name is as durable as the data.
-    created: std::sync::atomic::AtomicBool,
     /// Opened for writing: a write through it may make the kernel ask us to clear set-id
     /// bits (see `attrs::kill_setgid`).
     writable: bool,
@@ -221,8 +214,8 @@ impl OverlayFs {
         let mut direct = sys::sync_fd(file.as_fd(), datasync)
             .err()
             .map(|e| e.raw_os_error().unwrap_or(libc::EIO));
-        if direct.is_none() && open.created.swap(false, Ordering::AcqRel) {
-            direct = self.sync_parent_dir(node);
+        if direct.is_none() {
+            direct = self.sync_names(node);
         }
         let found = node.wb_err.check_and_advance(&mut open.wb_since.lock());
         if let Some(e) = direct {
@@ -234,21 +227,29 @@ impl OverlayFs {
         }
     }
 
-    /// Flushes the upper directory holding a node created through the union, so that after
-    /// fsync its name survives a crash as well as its data.
-    fn sync_parent_dir(&self, node: &Node) -> Option<i32> {
-        let parent = self.union.inodes.get(node.state().parent)?;
-        let state = parent.state();
-        if !(self.union.stack.has_upper() && state.layer() == 0) {
-            return None;
+    /// Makes the upper names of `node` and of its ancestors durable where they may not be
+    /// yet (see `Node::name_unsynced`): flushes each such one's parent directory, walking
+    /// up while the parent's own name is unsynced too (a copy-up deep in lower-only
+    /// directories made all of them). Returns the first error.
+    fn sync_names(&self, node: &Node) -> Option<i32> {
+        let mut child = self.union.inodes.get(node.id)?;
+        while child.id != ROOT_ID && child.name_unsynced.swap(false, Ordering::AcqRel) {
+            let parent = self.union.inodes.get(child.state().parent)?;
+            let state = parent.state();
+            if !(self.union.stack.has_upper() && state.layer() == 0) {
+                return None;
+            }
+            let synced = state
+                .obj
+                .reopen(libc::O_RDONLY | libc::O_DIRECTORY)
+                .and_then(|dir| sys::sync_fd(dir.as_fd(), false));
+            if let Err(e) = synced {
+                child.name_unsynced.store(true, Ordering::Release);
+                return Some(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            child = parent;
         }
-        state
-            .obj
-            .fd()
-            .and_then(|fd| sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY))
-            .and_then(|dir| sys::sync_fd(dir.as_fd(), false))
-            .err()
-            .map(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        None
     }
 
     fn canary_attr(&self, req: &Request) -> FileAttr {
@@ -338,27 +339,14 @@ impl OverlayFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
         let dir = self.node(parent)?;
         let resolved = self
             .union
             .resolve(&dir, name)
             .map_err(errno)?
             .ok_or(Errno::ENOENT)?;
-        let attr = self.remember(&dir, name, resolved)?;
-        let ttl = self
-            .node(attr.ino)
-            .map_or(self.settings.ttl, |n| self.ttl_of(&n));
-        Ok((attr, ttl))
-    }
-
-    /// How long the kernel may cache what it learns about `node`.
-    fn ttl_of(&self, node: &Node) -> Duration {
-        if self.union.stack.has_upper() && node.state().layer() == 0 {
-            self.settings.ttl
-        } else {
-            self.settings.lower_ttl
-        }
+        self.remember(&dir, name, resolved)
     }
 
     /// Open flags for a regular file: no FLUSH on close (ours does nothing: close never
@@ -468,7 +456,6 @@ impl OverlayFs {
         node: Arc<Node>,
         file: OwnedFd,
         follows: Option<LowerOpen>,
-        created: bool,
         writable: bool,
     ) -> u64 {
         let fh = self.handle();
@@ -477,7 +464,6 @@ impl OverlayFs {
             node,
             file: RwLock::new(Arc::new(file)),
             follows: Mutex::new(follows),
-            created: std::sync::atomic::AtomicBool::new(created),
             writable,
         };
         self.files.write().insert(fh, Arc::new(open));
@@ -504,7 +490,11 @@ impl OverlayFs {
             .union
             .create(&dir, name, what, mode, self.creator(req))
             .map_err(errno)?;
-        self.remember(&dir, name, resolved)
+        let attr = self.remember(&dir, name, resolved)?;
+        self.node(attr.ino)?
+            .name_unsynced
+            .store(true, Ordering::Release);
+        Ok(attr)
     }
 
     /// The owner a new object gets: the caller's ids as the layers store them (a caller
@@ -575,7 +565,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         match self.do_lookup(parent, name) {
-            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -591,11 +581,8 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        match self
-            .node(ino)
-            .and_then(|n| Ok((self.attr(&n)?, self.ttl_of(&n))))
-        {
-            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+        match self.node(ino).and_then(|n| self.attr(&n)) {
+            Ok(attr) => reply.attr(&self.settings.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -812,6 +799,7 @@ impl fuser::Filesystem for OverlayFs {
         let result = self.node(ino).and_then(|node| {
             let dir = self.node(newparent)?;
             let resolved = self.union.link(&node, &dir, newname).map_err(errno)?;
+            node.name_unsynced.store(true, Ordering::Release);
             self.remember(&dir, newname, resolved)
         });
         match result {
@@ -831,7 +819,7 @@ impl fuser::Filesystem for OverlayFs {
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if writing {
                 let file = self.open_for_write(&node, flags.0)?;
-                return Ok(self.register_file(node, file, None, false, true));
+                return Ok(self.register_file(node, file, None, true));
             }
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
@@ -842,7 +830,7 @@ impl fuser::Filesystem for OverlayFs {
                 source: state.obj.clone(),
                 flags: real_flags,
             });
-            Ok(self.register_file(node, file, follows, false, false))
+            Ok(self.register_file(node, file, follows, false))
         });
         match result {
             Ok(fh) => reply.opened(FileHandle(fh), self.file_open_flags()),
@@ -875,8 +863,9 @@ impl fuser::Filesystem for OverlayFs {
                 .map_err(errno)?;
             let attr = self.remember(&dir, name, resolved)?;
             let node = self.node(attr.ino)?;
+            node.name_unsynced.store(true, Ordering::Release);
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            Ok((attr, self.register_file(node, file, None, true, writable)))
+            Ok((attr, self.register_file(node, file, None, writable)))
         })();
         match result {
             Ok((attr, fh)) => reply.created(
@@ -1091,7 +1080,8 @@ impl fuser::Filesystem for OverlayFs {
                 .obj
                 .reopen(libc::O_RDONLY | libc::O_DIRECTORY)
                 .map_err(errno)?;
-            sys::sync_fd(fd.as_fd(), datasync).map_err(|e| self.upper_errno(e))
+            sys::sync_fd(fd.as_fd(), datasync).map_err(|e| self.upper_errno(e))?;
+            self.sync_names(&dir).map_or(Ok(()), |e| Err(Errno::from_i32(e)))
         });
         match result {
             Ok(()) => reply.ok(),

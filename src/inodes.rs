@@ -122,6 +122,11 @@ pub struct Node {
     pub wb_err: ErrSeq,
     /// Whether the node is on the health checker's list of files written since last checked.
     pub watched: AtomicBool,
+    /// The node's name in its upper parent may not be on disk yet (it was created or copied
+    /// up through a rename in the work dir, and its parent directory not flushed since):
+    /// an fsync of the node flushes that directory too, so the name is as durable as the
+    /// data — the cost paid when asked, not on every create and copy-up.
+    pub name_unsynced: AtomicBool,
 }
 
 impl NodeState {
@@ -229,6 +234,7 @@ impl InodeTable {
             lookups: AtomicU64::new(1 << 62),
             wb_err: ErrSeq::new(),
             watched: AtomicBool::new(false),
+            name_unsynced: AtomicBool::new(false),
         });
         let mut overrides = HashMap::new();
         overrides.insert(key, ROOT_ID);
@@ -302,6 +308,7 @@ impl InodeTable {
                     lookups: AtomicU64::new(0),
                     wb_err: ErrSeq::new(),
                     watched: AtomicBool::new(false),
+                    name_unsynced: AtomicBool::new(false),
                 });
                 nodes.insert(ById(node.clone()));
                 node

@@ -169,6 +169,7 @@ impl Union {
         self.inodes
             .copied_up(node, (from.st_dev, from.st_ino), (to.st_dev, to.st_ino));
         node.set_state(new_state.clone());
+        node.name_unsynced.store(true, Ordering::Release);
         log::debug!("copied up {:?}", state.name);
         Ok(new_state)
     }
