@@ -6,9 +6,12 @@
 //! - the daemon's cursor on the upper superblock's errseq: a directory descriptor on the
 //!   upper root opened at mount, on which `syncfs` reports each upper error exactly once;
 //! - the list of upper files written since they were last checked, and the checker thread
-//!   that looks at them every [`CHECK_INTERVAL`] without flushing anything
-//!   (`sync_file_range(WAIT_BEFORE)` on a descriptor opened for the check, then
-//!   `cachestat(2)` to drop files with nothing left to write back);
+//!   that looks at them without flushing anything (`sync_file_range(WAIT_BEFORE)` on a
+//!   descriptor opened for the check, then `cachestat(2)` to drop files with nothing left to
+//!   write back): a file first [`CHECK_INTERVAL`] after it was written, then at doubling
+//!   intervals up to [`CHECK_INTERVAL_MAX`] while it stays dirty (the kernel writes data
+//!   back about 30 s after it was dirtied, so checking each of thousands of fresh files
+//!   every second was most of the daemon's work under a create load);
 //! - passing an upper superblock error on to the union's own superblock through the
 //!   [`Canary`], so `syncfs(2)` on the union reports it once per descriptor;
 //! - the volatile poison: the errno, and the refusal every operation gets afterwards;
@@ -27,7 +30,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -39,8 +42,9 @@ use crate::sys;
 /// How often the checker looks at the upper files written since their last check (plain
 /// `fuse` mounts and volatile mounts; a `fuseblk` mount checks at each syncfs instead).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// The checker looks at the watched files early each time this many more were added.
-const SCAN_EARLY_EVERY: usize = 64;
+/// The longest a dirty watched file goes unchecked: how late a writeback error of a file
+/// written through a plain `fuse` mount can be found at worst.
+pub const CHECK_INTERVAL_MAX: Duration = Duration::from_secs(4);
 /// How long an `fsync` that failed waits for its error to reach the union's superblock
 /// before answering, so a `syncfs` right after it reports the error too.
 const INJECTION_WAIT: Duration = Duration::from_secs(5);
@@ -102,7 +106,7 @@ pub struct Health {
     /// so a scan that answers a syncfs cannot miss files another scan has taken.
     scanning: Mutex<()>,
     /// Upper files written through the union that may still have data to write back.
-    watch: Mutex<Vec<Arc<Node>>>,
+    watch: Mutex<Vec<Watched>>,
     events: Sender<Event>,
     receiver: Mutex<Option<Receiver<Event>>>,
     /// Told of the poison once (the daemon records it in the status file).
@@ -200,17 +204,16 @@ impl Health {
     }
 
     /// An upper file got written through the union: watch it until its data is on disk.
+    /// (A watched node holds no descriptor: its object is reopened for each check.)
     pub fn note_written(&self, node: &Arc<Node>) {
         if !self.periodic() || node.watched.swap(true, Ordering::AcqRel) {
             return;
         }
-        let mut watch = self.watch.lock();
-        watch.push(Arc::clone(node));
-        // Each watched node keeps its layer descriptor alive: a fast create/remove load must
-        // not wait for the next tick to let go of the removed ones.
-        if watch.len().is_multiple_of(SCAN_EARLY_EVERY) {
-            let _ = self.events.send(Event::ScanNow(None));
-        }
+        self.watch.lock().push(Watched {
+            node: Arc::clone(node),
+            due: Instant::now() + CHECK_INTERVAL,
+            every: CHECK_INTERVAL,
+        });
     }
 
     /// An upper operation failed with `errno`. EIO, ENOSPC and EDQUOT can mean the upper
@@ -257,7 +260,7 @@ impl Health {
     pub fn syncfs(&self) -> i32 {
         match self.mode {
             Mode::Volatile => {
-                self.scan();
+                self.scan(true);
                 if self.poisoned().is_some() {
                     -libc::EIO
                 } else {
@@ -360,21 +363,29 @@ impl Health {
         })
     }
 
-    /// Looks at every watched file without flushing: an error found is recorded on its node
-    /// (for fsync of handles opened later) and then handled as the mode says.
-    fn scan(&self) {
+    /// Looks at the watched files without flushing — every one if `all`, else those due —
+    /// and retires the clean ones: an error found is recorded on its node (for fsync of
+    /// handles opened later) and then handled as the mode says.
+    fn scan(&self, all: bool) {
         let _one = self.scanning.lock();
         let mut list = std::mem::take(&mut *self.watch.lock());
         let mut found = None;
-        list.retain(|node| {
-            let (error, clean) = check_file(node);
+        let now = Instant::now();
+        list.retain_mut(|w| {
+            if !all && now < w.due {
+                return true;
+            }
+            let (error, clean) = check_file(&w.node);
             if let Some(e) = error {
                 found = Some(e);
             }
             if clean {
-                node.watched.store(false, Ordering::Release);
+                w.node.watched.store(false, Ordering::Release);
+                return false;
             }
-            !clean
+            w.every = (w.every * 2).min(CHECK_INTERVAL_MAX);
+            w.due = now + w.every;
+            true
         });
         self.watch.lock().extend(list);
         if let Some(errno) = found {
@@ -446,7 +457,7 @@ impl Health {
             match event {
                 Some(Event::CheckNow(done)) => {
                     if self.mode == Mode::Volatile {
-                        self.scan();
+                        self.scan(true);
                     } else {
                         let _ = self.check_superblock();
                     }
@@ -455,7 +466,7 @@ impl Health {
                     }
                 }
                 Some(Event::ScanNow(done)) => {
-                    self.scan();
+                    self.scan(true);
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
@@ -464,10 +475,18 @@ impl Health {
                     self.set_poison(errno);
                     let _ = done.send(());
                 }
-                None => self.scan(),
+                None => self.scan(false),
             }
         }
     }
+}
+
+/// A file on the checker's list, and when to look at it next.
+struct Watched {
+    node: Arc<Node>,
+    due: Instant,
+    /// The wait before the next check, doubling while the file stays dirty.
+    every: Duration,
 }
 
 /// Looks at one upper file without flushing it, through a descriptor opened just for this:
