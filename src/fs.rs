@@ -1081,7 +1081,8 @@ impl fuser::Filesystem for OverlayFs {
                 .reopen(libc::O_RDONLY | libc::O_DIRECTORY)
                 .map_err(errno)?;
             sys::sync_fd(fd.as_fd(), datasync).map_err(|e| self.upper_errno(e))?;
-            self.sync_names(&dir).map_or(Ok(()), |e| Err(Errno::from_i32(e)))
+            self.sync_names(&dir)
+                .map_or(Ok(()), |e| Err(Errno::from_i32(e)))
         });
         match result {
             Ok(()) => reply.ok(),
