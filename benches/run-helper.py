@@ -703,6 +703,9 @@ ovlfuse column failed (its surviving runs are not comparable).
 
 {md_table(rhead, rrows)}
 
+Where the time goes for each miss, and what would close it: `benches/PROFILES.md`
+(profiles taken by hand, with the commit they describe).
+
 ## Daemon CPU and memory
 
 CPU = utime+stime of the daemon (`/proc/PID/stat`) during the timed workload, median over
@@ -797,11 +800,11 @@ def mem_report(mem):
                          f"**{est:.0f} MiB** (an estimate, not a measurement).")
     if any(r["status"] != "ok" and "EMFILE" in r.get("detail", "") for r in mem):
         lines.append("")
-        lines.append("- **EMFILE: known bug.** The ovlfuse daemon keeps one `O_PATH` descriptor "
-                     "per inode the kernel knows, so a walk of more entries than its "
-                     "RLIMIT_NOFILE fails with `Too many open files`; the hard limit here could "
-                     f"not be raised ({E['BENCH_NOFILE_NOTE']}). The whole-tree numbers above "
-                     "are those of the failed walk.")
+        lines.append("- **EMFILE: a regression.** The walk ran the daemon out of descriptors, "
+                     "which its descriptor cache (`src/handles.rs`: at most half the soft "
+                     "limit open, the rest reopened by file handle) exists to prevent "
+                     f"({E['BENCH_NOFILE_NOTE']}). The whole-tree numbers above are those of "
+                     "the failed walk.")
     return "\n".join(lines)
 
 

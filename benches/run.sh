@@ -266,8 +266,9 @@ BINARY_NOTE="binary $BIN_SRC of $(date -u -r "$BIN_SRC" '+%Y-%m-%d %H:%M UTC')"
 [[ -z ${OVLFUSE_BIN:-} && ${OVLFUSE_BENCH_NO_BUILD:-0} != 1 ]] && BINARY_NOTE+=", built by this run"
 
 # ---------------------------------------------------------------- descriptor limit
-# ovlfuse keeps one O_PATH descriptor per inode the kernel knows and raises its soft
-# RLIMIT_NOFILE to the hard one: lift the hard one as far as we may.
+# ovlfuse raises its soft RLIMIT_NOFILE to the hard one and keeps up to half of it as
+# O_PATH descriptors on layer objects (the rest are reopened by file handle): lift the
+# hard one as far as we may, so fewer objects need reopening.
 NR_OPEN=$(cat /proc/sys/fs/nr_open)
 HARD0=$(ulimit -Hn)
 if ulimit -Hn "$NR_OPEN" 2>/dev/null; then :; elif prlimit --pid $$ --nofile="$NR_OPEN:$NR_OPEN" 2>/dev/null; then :; fi
@@ -275,7 +276,8 @@ ulimit -Sn "$(ulimit -Hn)"
 NOFILE=$(ulimit -Hn)
 if [[ $NOFILE == "$HARD0" && $NOFILE != "$NR_OPEN" ]]; then
     NOFILE_NOTE="$NOFILE (the hard limit; raising it to $NR_OPEN with ulimit and prlimit was \
-refused: no CAP_SYS_RESOURCE), so ovlfuse can hold at most ~$NOFILE inodes"
+refused: no CAP_SYS_RESOURCE), so ovlfuse keeps at most ~$((NOFILE / 2)) layer objects open and \
+reopens the others by file handle"
 else
     NOFILE_NOTE="$NOFILE (raised from $HARD0)"
 fi
