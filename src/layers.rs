@@ -50,11 +50,15 @@ pub struct LayerStack {
     pub fds: std::sync::Arc<FdCache>,
 }
 
-/// `<prefix>opaque` and `<prefix>redirect`.
+/// `<prefix>opaque`, `<prefix>redirect`, `<prefix>whiteout` and `<prefix>metacopy`.
 #[derive(Debug)]
 pub struct PrivateNames {
     pub opaque: std::ffi::CString,
     pub redirect: std::ffi::CString,
+    /// Makes an empty regular file an xattr whiteout (kernel 6.7+).
+    pub whiteout: std::ffi::CString,
+    /// Makes a regular file a metadata-only copy, which lookup refuses (metacopy=off).
+    pub metacopy: std::ffi::CString,
 }
 
 impl PrivateNames {
@@ -65,6 +69,8 @@ impl PrivateNames {
         PrivateNames {
             opaque: name("opaque"),
             redirect: name("redirect"),
+            whiteout: name("whiteout"),
+            metacopy: name("metacopy"),
         }
     }
 }

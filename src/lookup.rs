@@ -1,9 +1,11 @@
 //! Lookup across layers: which layer's object a name in a merged directory stands for.
 //!
 //! Owns: the union rules of the kernel overlay for one name — the topmost layer that has the
-//! name wins; a whiteout (kernel 0/0 device or AUFS `.wh.NAME`) ends the search; a directory
-//! merges with same-named directories below it until one is opaque; a non-directory hides
-//! everything below. Must never: open anything but single components under held handles.
+//! name wins; a whiteout (kernel 0/0 device, kernel 6.7+ xattr whiteout, or AUFS `.wh.NAME`)
+//! ends the search; a directory merges with same-named directories below it until one is
+//! opaque; a non-directory hides everything below, and is refused if it is a metadata-only
+//! copy (as the kernel refuses it with metacopy=off, the only mode ovlfuse has). Must never:
+//! open anything but single components under held handles.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -115,12 +117,39 @@ fn redirect_of(stack: &LayerStack, dir: &OwnedFd) -> io::Result<Option<Target>> 
     }
 }
 
+/// What a search does with a regular file that is a metadata-only copy (`<prefix>metacopy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metacopy {
+    /// Fail the lookup, as the kernel does with metacopy=off: following the copy to its data
+    /// below would read a lower file without that file's permission checks.
+    Refuse,
+    /// Count it as there: only whether the name exists is asked.
+    Present,
+}
+
 /// Resolves `name` inside the merged directory whose layer directories are `parent`.
-/// `Ok(None)` means the name does not exist in the union (absent or whited out).
+/// `Ok(None)` means the name does not exist in the union (absent or whited out). A
+/// metadata-only copy is refused with EPERM (EIO if its value is malformed), and logged.
 pub fn resolve(
     stack: &LayerStack,
     parent: &[LayerDir],
     name: &OsStr,
+) -> io::Result<Option<Resolved>> {
+    search(stack, parent, name, Metacopy::Refuse)
+}
+
+/// Whether the layer directories `parent` show `name` at all: what removing or moving a name
+/// needs to know (a whiteout must then stay in its place). Like the kernel's check
+/// (`ovl_lower_positive`), a metadata-only copy counts as there; only its lookup is refused.
+pub fn shows(stack: &LayerStack, parent: &[LayerDir], name: &OsStr) -> io::Result<bool> {
+    Ok(search(stack, parent, name, Metacopy::Present)?.is_some())
+}
+
+fn search(
+    stack: &LayerStack,
+    parent: &[LayerDir],
+    name: &OsStr,
+    metacopy: Metacopy,
 ) -> io::Result<Option<Resolved>> {
     // Marker names are an on-disk detail of the layers, never names in the union.
     if classify_hidden(name) {
@@ -152,6 +181,16 @@ pub fn resolve(
             // A non-directory below a directory is hidden by it, and so is all below.
             if !is_dir && found.is_some() {
                 break;
+            }
+            // Past here a non-directory is what the name stands for. The kernel reads both
+            // markers in every layer, the upper included, whatever its directory's "x" mark.
+            if !is_dir {
+                if whiteout::is_xattr_whiteout(fd.as_fd(), &st, &stack.private.whiteout)? {
+                    break;
+                }
+                if metacopy == Metacopy::Refuse {
+                    refuse_metacopy(stack, layer, name, &fd, &st)?;
+                }
             }
             // Tested before the descriptor goes under management (which may close it).
             let opaque = is_dir && whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)?;
@@ -206,6 +245,47 @@ pub fn resolve(
         }
     }
     Ok(found)
+}
+
+/// Fails (EPERM) the lookup of a regular file that is a metadata-only copy, whose data the
+/// kernel would take from a lower file only with metacopy=on; a value too short to be one is
+/// EIO, as on the kernel. Both are logged. Any other file passes.
+fn refuse_metacopy(
+    stack: &LayerStack,
+    layer: LayerIndex,
+    name: &OsStr,
+    file: &OwnedFd,
+    st: &libc::stat,
+) -> io::Result<()> {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(());
+    }
+    let value = match sys::get_xattr(file.as_fd(), &stack.private.metacopy) {
+        Ok(Some(value)) => value,
+        Ok(None) => return Ok(()),
+        // A `user.*` attribute of a file this process may not read: the kernel takes the
+        // file as an ordinary one too.
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let layer_path = stack.layers[layer as usize].path.display();
+    if whiteout::is_valid_metacopy(&value) {
+        log::warn!(
+            "refusing to follow metacopy origin for {name:?} in layer {layer_path}: it is a \
+             metadata-only copy ({}metacopy) and metacopy=off",
+            stack.xattr_prefix
+        );
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    } else {
+        log::warn!(
+            "refusing {name:?} in layer {layer_path}: malformed {}metacopy value {:?}: \
+             shorter than the {}-byte header",
+            stack.xattr_prefix,
+            String::from_utf8_lossy(&value),
+            whiteout::METACOPY_HEADER_LEN
+        );
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
 }
 
 fn classify_hidden(name: &OsStr) -> bool {

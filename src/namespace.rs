@@ -115,7 +115,9 @@ impl Union {
     /// Whether a lower layer shows `name` in `dir`: removing or moving it away then needs a
     /// whiteout, and a directory landing there must be opaque.
     fn lower_has(&self, dir: &NodeState, name: &OsStr) -> io::Result<bool> {
-        Ok(lookup::resolve(&self.stack, self.lower_dirs(&dir.merged), name)?.is_some())
+        // A metacopy file below counts as there (its lookup is refused, but its name needs a
+        // whiteout all the same, as on the kernel overlay).
+        lookup::shows(&self.stack, self.lower_dirs(&dir.merged), name)
     }
 
     /// Moves `node` to the upper layer (parents first) unless it is there already; returns

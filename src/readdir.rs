@@ -8,7 +8,8 @@
 //! (telldir, or the kernel's directory cache resuming where its cached part ends) means the
 //! same place in any other, and a name added or removed meanwhile never makes a reader see
 //! another name twice or miss one. Must never: stat every entry when the layer's `d_type`
-//! already says what it is.
+//! already says what it is — only the regular files of a directory marked as holding xattr
+//! whiteouts are looked at more closely.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -62,7 +63,10 @@ pub fn list(
     let layers = merged.len();
     for (position, layer_dir) in merged.iter().enumerate() {
         let dev = stack.layers[layer_dir.layer as usize].dev;
-        let raw = sys::read_dir(layer_dir.obj.fd()?.as_fd())?;
+        let dir = layer_dir.obj.fd()?;
+        let raw = sys::read_dir(dir.as_fd())?;
+        let xwhiteouts = may_hold_xwhiteouts(stack, layer_dir)
+            && whiteout::holds_xwhiteouts(dir.as_fd(), &stack.private.opaque)?;
         let mut hidden_here: Vec<OsString> = Vec::new();
         for e in raw {
             let bytes = e.name.as_bytes();
@@ -81,6 +85,14 @@ pub fn list(
                 continue;
             }
             let (file_type, is_whiteout) = entry_type(layer_dir, &e)?;
+            let is_whiteout = is_whiteout
+                || (xwhiteouts
+                    && file_type == libc::S_IFREG
+                    && whiteout::is_xattr_whiteout_at(
+                        dir.as_fd(),
+                        &sys::component(&e.name)?,
+                        &stack.private.whiteout,
+                    )?);
             if is_whiteout {
                 decided.insert(e.name);
                 continue;
@@ -100,6 +112,16 @@ pub fn list(
     }
     order_by_cookie(&mut entries);
     Ok(entries)
+}
+
+/// Whether the kernel looks for the "x" mark (xattr whiteouts inside) on this layer's
+/// directory: not in the upper layer, nor in the bottom layer of the mount, where it expects
+/// none. Elsewhere the mark costs one xattr read per listing of each such layer directory,
+/// and only a marked directory has its regular files' xattrs read.
+fn may_hold_xwhiteouts(stack: &LayerStack, dir: &LayerDir) -> bool {
+    let upper = dir.layer == 0 && stack.has_upper();
+    let bottom = dir.layer as usize + 1 >= stack.layers.len();
+    !upper && !bottom
 }
 
 const DOT_COOKIE: u64 = 1;

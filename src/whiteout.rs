@@ -1,15 +1,17 @@
-//! Whiteouts and opaque directories, as found in layers.
+//! Whiteouts, opaque directories and the other overlay markers, as found in layers.
 //!
-//! Owns: recognising the kernel overlay format (a character device 0/0 whiteout; a directory
-//! made opaque by the `<prefix>opaque` xattr set to "y") and the AUFS format that container
-//! tools produce (`.wh.NAME` files, `.wh..wh..opq` in an opaque directory, and the AUFS
-//! private `.wh..wh.*` entries), and reading the value of a directory's `<prefix>redirect`
-//! the way the kernel validates it. Must never: show any of these markers to a user, or turn
-//! a malformed marker into a path to follow.
+//! Owns: recognising the kernel overlay format (a character device 0/0 whiteout; the kernel
+//! 6.7+ xattr whiteout, an empty regular file carrying `<prefix>whiteout`; a directory made
+//! opaque by the `<prefix>opaque` xattr set to "y", or marked "x" as holding xattr
+//! whiteouts) and the AUFS format that container tools produce (`.wh.NAME` files,
+//! `.wh..wh..opq` in an opaque directory, and the AUFS private `.wh..wh.*` entries), and
+//! reading the values of a directory's `<prefix>redirect` and of a file's `<prefix>metacopy`
+//! the way the kernel validates them. Must never: show any of these markers to a user, or
+//! turn a malformed marker into a path to follow.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::sys;
@@ -49,6 +51,76 @@ pub fn is_whiteout(st: &libc::stat) -> bool {
 /// holding xattr whiteouts — is not opaque).
 pub fn is_opaque_value(value: &[u8]) -> bool {
     value == b"y"
+}
+
+/// Whether a `<prefix>opaque` value marks a directory as holding xattr whiteouts: exactly
+/// "x", read the way "y" is (one byte). Such a directory is not opaque.
+pub fn marks_xwhiteouts(value: &[u8]) -> bool {
+    value == b"x"
+}
+
+/// Whether `dir` (a handle on a directory in some layer) is marked as holding xattr
+/// whiteouts; `opaque_xattr` is the mount's `<prefix>opaque`.
+pub fn holds_xwhiteouts(dir: BorrowedFd<'_>, opaque_xattr: &CStr) -> io::Result<bool> {
+    Ok(sys::get_xattr(dir, opaque_xattr)?.is_some_and(|v| marks_xwhiteouts(&v)))
+}
+
+/// Whether `file` (with `st` its stat) is a kernel 6.7+ xattr whiteout: an empty regular file
+/// carrying `whiteout_xattr` (the mount's `<prefix>whiteout`) with any value, even an empty
+/// one. Only empty regular files cost an xattr read.
+pub fn is_xattr_whiteout(
+    file: BorrowedFd<'_>,
+    st: &libc::stat,
+    whiteout_xattr: &CStr,
+) -> io::Result<bool> {
+    if !is_empty_regular(st) {
+        return Ok(false);
+    }
+    has_xattr(file, whiteout_xattr)
+}
+
+/// [`is_xattr_whiteout`] for the entry `name` of the layer directory `dir`. An entry gone
+/// meanwhile is not a whiteout.
+pub fn is_xattr_whiteout_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    whiteout_xattr: &CStr,
+) -> io::Result<bool> {
+    if !sys::stat_at(dir, name)?.is_some_and(|st| is_empty_regular(&st)) {
+        return Ok(false);
+    }
+    match sys::open_path_at(dir, name) {
+        Ok(file) => has_xattr(file.as_fd(), whiteout_xattr),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_empty_regular(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0
+}
+
+/// Whether `obj` carries the attribute `name`. A `user.*` attribute this process may not
+/// read (EACCES) counts as absent, as it does for the kernel.
+fn has_xattr(obj: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    match sys::get_xattr(obj, name) {
+        Ok(value) => Ok(value.is_some()),
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The header of the kernel's `struct ovl_metacopy` (version, length, flags and digest
+/// algorithm, one byte each): the shortest non-empty `<prefix>metacopy` value.
+pub const METACOPY_HEADER_LEN: usize = 4;
+
+/// Whether a `<prefix>metacopy` value is one the kernel's lookup accepts as marking a
+/// metadata-only copy (`ovl_check_metacopy_xattr`, asked for the size only): empty (the form
+/// written without a digest), or at least the header long whatever its bytes (version, length
+/// and digest are checked only when the data is opened, which metacopy=off never gets to).
+/// One to three bytes are malformed: the kernel's lookup answers EIO.
+pub fn is_valid_metacopy(value: &[u8]) -> bool {
+    value.is_empty() || value.len() >= METACOPY_HEADER_LEN
 }
 
 /// Whether `dir` (a handle on a directory in some layer) hides the layers below it;
@@ -219,6 +291,21 @@ mod tests {
         );
     }
 
+    /// What the kernel 6.18 overlay (metacopy=off) answered for files carrying these values:
+    /// EPERM ("refusing to follow metacopy origin") for a well-formed one, EIO ("has too small
+    /// xattr") for the others.
+    #[test]
+    fn metacopy_values_are_read_like_the_kernel() {
+        let garbage_header = [1u8, 2, 3, 4];
+        let long = [0u8; 100];
+        for valid in [&b""[..], b"garbage", &garbage_header, &long] {
+            assert!(is_valid_metacopy(valid), "{valid:?}");
+        }
+        for malformed in [&b"ab"[..], &[0u8; 3], &[0u8]] {
+            assert!(!is_valid_metacopy(malformed), "{malformed:?}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig {
             cases: if std::env::var_os("OVLFUSE_FULL").is_some() { 50_000 } else { 2_000 },
@@ -268,6 +355,17 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..4),
         ]) {
             prop_assert_eq!(is_opaque_value(&value), value.len() == 1 && value[0] == b'y');
+        }
+
+        /// Only the exact value "x" marks a directory as holding xattr whiteouts, and no value
+        /// both marks it and makes it opaque.
+        #[test]
+        fn only_x_marks_xwhiteouts(value in prop_oneof![
+            prop::collection::vec(prop::sample::select(b"xXy\0".to_vec()), 0..3),
+            prop::collection::vec(any::<u8>(), 0..4),
+        ]) {
+            prop_assert_eq!(marks_xwhiteouts(&value), value.len() == 1 && value[0] == b'x');
+            prop_assert!(!(marks_xwhiteouts(&value) && is_opaque_value(&value)));
         }
 
         /// Every name is exactly one of: visible, `.wh.` + the (non-empty) name it hides,

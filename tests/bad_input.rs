@@ -24,7 +24,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -954,51 +954,242 @@ fn xattrs_of_64_kib_read_and_copy_up_like_the_kernel() {
     assert!(f.daemon_alive(), "{}", f.log_text());
 }
 
+/// A metacopy file below still counts as a name when one above it is removed: the kernel
+/// leaves a whiteout (the name must not come back as the refused metacopy file), and so
+/// must ovlfuse — whose own lookup refuses such a file.
 #[test]
-#[ignore = "lookup.rs/fs.rs: a file carrying trusted.overlay.metacopy (a metadata-only copy \
-            whose data lives below) is shown with the stub's data; the kernel (metacopy=off) \
-            refuses it with EPERM and a log line"]
-fn metacopy_files_are_refused_like_the_kernel() {
-    let c = compare_with_kernel(
-        |l| {
-            l.lower(0).sparse_file("meta", 5, &[], 0o644).setxattr(
-                "meta",
-                "trusted.overlay.metacopy",
-                b"",
-            );
-            l.lower(1).write_file("meta", b"data!", 0o644);
-            l.lower(0)
-                .write_file("meta_garbage", b"stub", 0o644)
-                .setxattr("meta_garbage", "trusted.overlay.metacopy", b"garbage");
-        },
-        &["meta", "meta_garbage"],
-        "",
-    );
-    c.assert_same_or_eio_logged("meta", b"");
-    c.assert_same_or_eio_logged("meta_garbage", b"garbage");
+fn removing_a_name_over_a_lower_metacopy_file_leaves_a_whiteout_like_the_kernel() {
+    let s = Scratch::new();
+    let l = s.layers(1, true);
+    l.lower(0)
+        .sparse_file("f", 5, &[], 0o644)
+        .setxattr("f", "trusted.overlay.metacopy", b"");
+    l.up().write_file("f", b"upper", 0o644);
+    let kl = copy_layers(&l, &s.mkdir("kernel"));
+    let remove = |root: PathBuf| {
+        with_timeout(30, move || {
+            let removed = fs::remove_file(root.join("f")).map_err(|e| errno_of(&e));
+            let after = fs::symlink_metadata(root.join("f")).map_err(|e| errno_of(&e));
+            (removed, after.map(|_| ()))
+        })
+    };
+    let k = mount_kernel_overlay(&kl);
+    let kernel = remove(k.path().to_path_buf());
+    drop(k);
+    let m = mount_ovlfuse(&l, "");
+    let ours = remove(m.path().to_path_buf());
+    drop(m);
+    assert_eq!(ours, kernel, "(rm f, then lstat f): ovlfuse vs kernel");
+    assert_eq!(kernel, (Ok(()), Err(libc::ENOENT)));
+    for upper in [&kl.upper, &l.upper] {
+        let upper = upper.as_ref().expect("an upper layer");
+        let st = fs::symlink_metadata(upper.join("f")).expect("a whiteout at f");
+        assert!(
+            st.file_type().is_char_device() && st.rdev() == 0,
+            "{}: not a whiteout",
+            upper.display()
+        );
+    }
 }
 
 #[test]
-#[ignore = "lookup.rs/readdir.rs: xattr whiteouts (kernel 6.7+: an empty regular file with \
-            trusted.overlay.whiteout in a lower directory whose trusted.overlay.opaque is \"x\") \
-            are shown as empty files; the kernel hides them and the entry below"]
+fn metacopy_files_are_refused_like_the_kernel() {
+    // struct ovl_metacopy: version 0, length 36, a flag, digest algorithm 1, 32 digest bytes.
+    let with_digest: Vec<u8> = [&[0u8, 36, 1, 1][..], &[0xab; 32]].concat();
+    for (opts, prefix) in [("", "trusted.overlay."), ("userxattr", "user.overlay.")] {
+        let m = format!("{prefix}metacopy");
+        let m = m.as_str();
+        let other_namespace = if prefix.starts_with("user.") {
+            "trusted.overlay.metacopy"
+        } else {
+            "user.overlay.metacopy"
+        };
+        let c = compare_with_kernel(
+            |l| {
+                // A metadata-only copy over its data, and copies with nothing below.
+                l.lower(0)
+                    .sparse_file("meta", 5, &[], 0o644)
+                    .setxattr("meta", m, b"");
+                l.lower(1).write_file("meta", b"data!", 0o644);
+                l.lower(0)
+                    .write_file("meta_garbage", b"stub", 0o644)
+                    .setxattr("meta_garbage", m, b"garbage")
+                    .write_file("meta_digest", b"stub", 0o644)
+                    .setxattr("meta_digest", m, &with_digest);
+                // Too short for the header: EIO on the kernel.
+                l.lower(0)
+                    .write_file("meta_short", b"stub", 0o644)
+                    .setxattr("meta_short", m, b"ab");
+                l.lower(1).write_file("meta_short", b"below", 0o644);
+                // The bottom and the upper layer are no exception.
+                l.lower(1)
+                    .write_file("meta_bottom", b"stub", 0o644)
+                    .setxattr("meta_bottom", m, b"");
+                l.up()
+                    .write_file("meta_upper", b"stub", 0o644)
+                    .setxattr("meta_upper", m, b"");
+                l.lower(0).write_file("meta_upper", b"below", 0o644);
+                // In a directory only one layer has.
+                l.lower(0)
+                    .write_file("only/meta", b"stub", 0o644)
+                    .setxattr("only/meta", m, b"");
+                // Only the object the name stands for is read: a copy hidden below an
+                // ordinary file or a directory changes nothing.
+                l.lower(0).write_file("meta_below", b"top", 0o644);
+                l.lower(1)
+                    .write_file("meta_below", b"stub", 0o644)
+                    .setxattr("meta_below", m, b"ab");
+                l.lower(0).mkdir("meta_under_dir", 0o755);
+                l.lower(1)
+                    .write_file("meta_under_dir", b"stub", 0o644)
+                    .setxattr("meta_under_dir", m, b"");
+                // On a directory, or under the other namespace's name, it means nothing.
+                dir_over_dir(l, "meta_dir", m, b"");
+                l.lower(0)
+                    .write_file("meta_other_namespace", b"stub", 0o644)
+                    .setxattr("meta_other_namespace", other_namespace, b"");
+            },
+            &[
+                "meta",
+                "meta_garbage",
+                "meta_digest",
+                "meta_short",
+                "meta_bottom",
+                "meta_upper",
+                "only/meta",
+                "meta_below",
+                "meta_under_dir",
+                "meta_dir",
+                "meta_other_namespace",
+            ],
+            opts,
+        );
+        for name in &c.names {
+            c.assert_same(name);
+        }
+        // Teeth: refused where the kernel refuses, with the log naming the file, or the
+        // malformed value; read through where it is not the visible object.
+        for refused in [
+            "meta",
+            "meta_garbage",
+            "meta_bottom",
+            "meta_upper",
+            "only/meta",
+        ] {
+            assert_eq!(c.get(refused).1, "Err(EPERM)", "{opts}\n{}", c.table());
+        }
+        assert_eq!(c.get("meta_short").1, "Err(EIO)", "{opts}\n{}", c.table());
+        assert!(
+            c.log
+                .contains("refusing to follow metacopy origin for \"meta\""),
+            "{opts}\n{}",
+            c.table()
+        );
+        assert!(logged(&c.log, b"ab"), "{opts}\n{}", c.table());
+        assert!(c.get("meta_below").1.starts_with("File"), "{}", c.table());
+        assert!(c.get("meta_dir").1.contains("below"), "{}", c.table());
+    }
+}
+
+#[test]
 fn xattr_whiteouts_hide_lower_entries_like_the_kernel() {
-    let c = compare_with_kernel(
-        |l| {
-            l.lower(0)
-                .write_file("xd/gone", b"", 0o644)
-                .setxattr("xd/gone", "trusted.overlay.whiteout", b"y")
-                .write_file("xd/plain", b"", 0o644)
-                .setxattr("xd", OPAQUE, b"x");
-            l.lower(1)
-                .write_file("xd/gone", b"below", 0o644)
-                .write_file("xd/other", b"o", 0o644);
-        },
-        &["xd", "xd/gone"],
-        "",
-    );
-    c.assert_same("xd");
-    c.assert_same("xd/gone");
+    for (opts, prefix) in [("", "trusted.overlay."), ("userxattr", "user.overlay.")] {
+        let (w, opaque) = (format!("{prefix}whiteout"), format!("{prefix}opaque"));
+        let (w, opaque) = (w.as_str(), opaque.as_str());
+        let c = compare_with_kernel(
+            |l| {
+                // A lower directory marked "x": its empty regular files carrying the
+                // attribute (any value) are whiteouts, in lookups and in the listing.
+                l.lower(0)
+                    .write_file("xd/gone", b"", 0o644)
+                    .setxattr("xd/gone", w, b"y")
+                    .write_file("xd/plain", b"", 0o644)
+                    .write_file("xd/empty_value", b"", 0o644)
+                    .setxattr("xd/empty_value", w, b"")
+                    .write_file("xd/not_empty", b"data", 0o644)
+                    .setxattr("xd/not_empty", w, b"y")
+                    .write_file("xd/over_dir", b"", 0o644)
+                    .setxattr("xd/over_dir", w, b"y")
+                    .setxattr("xd", opaque, b"x");
+                l.lower(1)
+                    .write_file("xd/gone", b"below", 0o644)
+                    .write_file("xd/other", b"o", 0o644)
+                    .write_file("xd/empty_value", b"below", 0o644)
+                    .write_file("xd/not_empty", b"below", 0o644)
+                    .write_file("xd/over_dir/inside", b"i", 0o644);
+                // An upper file of the same name is not hidden by it.
+                l.up().write_file("xu/kept", b"upper", 0o644);
+                l.lower(0)
+                    .write_file("xu/kept", b"", 0o644)
+                    .setxattr("xu/kept", w, b"y")
+                    .setxattr("xu", opaque, b"x");
+                l.lower(1).write_file("xu/kept", b"below", 0o644);
+                // Unmarked ("xx" is no mark either): lookups still take it for a whiteout,
+                // listings show the name (the kernel reads entries' xattrs in marked
+                // directories only).
+                for d in ["ud", "xxd"] {
+                    l.lower(0)
+                        .write_file(&format!("{d}/gone"), b"", 0o644)
+                        .setxattr(&format!("{d}/gone"), w, b"y");
+                    l.lower(1)
+                        .write_file(&format!("{d}/gone"), b"below", 0o644)
+                        .write_file(&format!("{d}/other"), b"o", 0o644);
+                }
+                l.lower(0).setxattr("xxd", opaque, b"xx");
+                // Marked in the upper or in the bottom layer, where the kernel does not look
+                // for the mark: the same.
+                l.up()
+                    .write_file("upd/gone", b"", 0o644)
+                    .setxattr("upd/gone", w, b"y")
+                    .setxattr("upd", opaque, b"x");
+                l.lower(0).write_file("upd/gone", b"below", 0o644);
+                l.lower(1)
+                    .write_file("bd/gone", b"", 0o644)
+                    .setxattr("bd/gone", w, b"y")
+                    .setxattr("bd", opaque, b"x");
+                l.lower(0).write_file("bd/top", b"t", 0o644);
+            },
+            &[
+                "xd",
+                "xd/gone",
+                "xd/plain",
+                "xd/empty_value",
+                "xd/not_empty",
+                "xd/over_dir",
+                "xd/other",
+                "xu",
+                "xu/kept",
+                "ud",
+                "ud/gone",
+                "xxd",
+                "xxd/gone",
+                "upd",
+                "upd/gone",
+                "bd",
+                "bd/gone",
+            ],
+            opts,
+        );
+        for name in &c.names {
+            c.assert_same(name);
+        }
+        assert_eq!(c.roots.0, c.roots.1, "{opts}\n{}", c.table());
+        // Teeth: hidden in the marked directory, shown in the unmarked one, data intact.
+        let (_, xd) = c.get("xd");
+        assert!(
+            xd.contains("[\"not_empty\", \"other\", \"plain\"]"),
+            "{opts}\n{}",
+            c.table()
+        );
+        assert_eq!(c.get("xd/gone").1, "Err(ENOENT)", "{opts}\n{}", c.table());
+        assert!(c.get("ud").1.contains("\"gone\""), "{opts}\n{}", c.table());
+        assert_eq!(c.get("ud/gone").1, "Err(ENOENT)", "{opts}\n{}", c.table());
+        assert!(
+            c.get("xu/kept").1.starts_with("File 644 len=5 "),
+            "{opts}\n{}",
+            c.table()
+        );
+    }
 }
 
 /// A random redirect value: mostly the bytes that matter, sometimes anything.
