@@ -2,8 +2,8 @@
 //!
 //! Owns: applying a FUSE SETATTR to the real object behind a handle, in the order a real
 //! filesystem would (owner before mode, so a chown that clears set-id bits cannot undo the
-//! mode asked for), and the part of the kernel's rule for clearing set-group-id bits that
-//! the FUSE kernel module leaves to the server. Must never: be called on a lower-layer
+//! mode asked for), and the kernel's rules for clearing set-id bits on write, truncate and
+//! chown, which the FUSE kernel module leaves to the server (FUSE_HANDLE_KILLPRIV_V2). Must never: be called on a lower-layer
 //! object — the caller copies up first.
 
 use std::io;
@@ -33,7 +33,7 @@ impl Change {
             && (self.atime.is_some() || self.mtime.is_some())
     }
 
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.mode.is_none()
             && self.uid.is_none()
             && self.gid.is_none()
@@ -70,11 +70,9 @@ pub struct Caller {
 /// When a file is written, truncated or chowned by a caller without CAP_FSETID, the kernel
 /// clears S_ISUID, and S_ISGID if the group may execute the file or — in current kernels
 /// (`setattr_should_drop_sgid`; measured on 6.18) — if the caller is not in the file's
-/// group. The kernel overlay follows that. The FUSE kernel module (without
-/// FUSE_HANDLE_KILLPRIV, which fuser 0.18 cannot serve: it does not pass
-/// FATTR_KILL_SUIDGID or FUSE_OPEN_KILL_SUIDGID on) instead re-derives the mode itself
-/// with only the older half of the rule, and sends the write's SETATTR even when that
-/// leaves nothing to change: an empty one. So a 2766 file written by someone outside its
+/// group. The kernel overlay follows that. The FUSE kernel module leaves the mode to us
+/// (we agree FUSE_HANDLE_KILLPRIV_V2, see [`setid_bits_dropped`]) and, before writing to a
+/// set-id file, sends an empty SETATTR. So a 2766 file written by someone outside its
 /// group keeps S_ISGID unless we clear it here.
 ///
 /// Any SETATTR other than a time change, from a caller without CAP_FSETID and not in the
@@ -113,6 +111,55 @@ pub fn kill_setgid(
     }
     change.mode = Some(mode & !libc::S_ISGID);
     Ok(())
+}
+
+/// What makes a file lose set-id bits (see [`setid_bits_dropped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetidLoss {
+    /// A write (or fallocate, copy_file_range) whose WRITE said the writer lacks
+    /// CAP_FSETID.
+    UnprivilegedWrite,
+    /// A data change or truncation: only a caller without CAP_FSETID clears bits.
+    Modification,
+    /// An empty SETATTR: chown(2) with both ids -1, which clears S_ISUID whoever calls it,
+    /// or a write's request, which the kernel sends only for a caller without CAP_FSETID
+    /// — so the chown rule covers both.
+    Chown,
+}
+
+/// The mode a regular file must get when `caller` changes it as `why` says, if that clears
+/// a set-id bit (the kernel's `setattr_should_drop_suidgid`, and chown's unconditional
+/// S_ISUID): S_ISUID goes; S_ISGID goes if the group may execute the file, or if the
+/// caller, without CAP_FSETID, is not in the file's group. With FUSE_HANDLE_KILLPRIV_V2 the
+/// kernel leaves this to us (and fuser does not pass FATTR_KILL_SUIDGID on).
+pub fn setid_bits_dropped(
+    current: &libc::stat,
+    file: Owner,
+    caller: Caller,
+    why: SetidLoss,
+) -> Option<u32> {
+    let mode = current.st_mode & 0o7777;
+    if current.st_mode & libc::S_IFMT != libc::S_IFREG
+        || mode & (libc::S_ISUID | libc::S_ISGID) == 0
+    {
+        return None;
+    }
+    let creds = ThreadCreds::of(caller.pid);
+    let privileged = why != SetidLoss::UnprivilegedWrite
+        && match &creds {
+            Some(c) => c.cap_fsetid,
+            None => caller.presumed_privileged,
+        };
+    if privileged && why == SetidLoss::Modification {
+        return None;
+    }
+    let in_group =
+        caller.gid == file.gid || creds.as_ref().is_some_and(|c| c.groups.contains(&file.gid));
+    let mut new = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 || !(in_group || privileged) {
+        new &= !libc::S_ISGID;
+    }
+    (new != mode).then_some(new)
 }
 
 /// What the kernel knows of the calling thread and FUSE does not pass on.
@@ -236,6 +283,30 @@ mod tests {
         let mut change = change;
         kill_setgid(&mut change, &file(mode), ALICE_FILE, who, || writing)?;
         Ok(change.mode)
+    }
+
+    /// The kernel's rules for what a write, a truncation and chown(-1, -1) clear.
+    #[test]
+    fn setid_bits_go_as_the_kernel_drops_them() {
+        use SetidLoss::*;
+        let dropped = |mode, who, why| setid_bits_dropped(&file(mode), ALICE_FILE, who, why);
+        let (root, alice, nobody) = (caller(0, 0), caller(1000, 1000), caller(65534, 65534));
+        // An unprivileged writer loses S_ISUID; S_ISGID if group-executable or not its group.
+        assert_eq!(dropped(0o6777, nobody, UnprivilegedWrite), Some(0o777));
+        assert_eq!(dropped(0o6766, alice, UnprivilegedWrite), Some(0o2766));
+        assert_eq!(dropped(0o2766, nobody, UnprivilegedWrite), Some(0o766));
+        assert_eq!(dropped(0o2766, alice, UnprivilegedWrite), None);
+        // A truncation by a privileged caller keeps everything.
+        assert_eq!(dropped(0o6777, root, Modification), None);
+        assert_eq!(dropped(0o6777, nobody, Modification), Some(0o777));
+        // chown(-1, -1) clears S_ISUID whoever calls; root keeps S_ISGID without group exec.
+        assert_eq!(dropped(0o6766, root, Chown), Some(0o2766));
+        assert_eq!(dropped(0o6777, root, Chown), Some(0o777));
+        // Nothing to clear, or not a regular file: no change.
+        assert_eq!(dropped(0o777, nobody, UnprivilegedWrite), None);
+        let mut dir = file(0o6777);
+        dir.st_mode = libc::S_IFDIR | 0o6777;
+        assert_eq!(setid_bits_dropped(&dir, ALICE_FILE, nobody, Chown), None);
     }
 
     const TRUNCATE: Change = Change {

@@ -98,6 +98,9 @@ pub struct OverlayFs {
     /// merging the layers again. Dropped once read to the end.
     recent_listings: Mutex<VecDeque<(u64, Arc<Vec<readdir::Entry>>)>>,
     next_handle: AtomicU64,
+    /// FUSE_HANDLE_KILLPRIV_V2 was agreed: set-id bits are ours to clear on write and
+    /// truncate.
+    kills_privileges: bool,
     settings: FsSettings,
     health: Arc<Health>,
     canary: Option<Arc<Canary>>,
@@ -160,6 +163,7 @@ impl OverlayFs {
             dirs: RwLock::new(HashMap::new()),
             recent_listings: Mutex::new(VecDeque::new()),
             next_handle: AtomicU64::new(1),
+            kills_privileges: false,
             settings,
             health,
             canary,
@@ -470,6 +474,43 @@ impl OverlayFs {
         fh
     }
 
+    /// Who sent `req`, for the set-id rules of `attrs`.
+    fn setid_caller(&self, req: &Request) -> crate::attrs::Caller {
+        let ids = &self.settings.ids;
+        crate::attrs::Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+            presumed_privileged: req.uid() == 0 || ids.stored_uid(req.uid()) == Some(0),
+        }
+    }
+
+    /// The owner of an object as the union shows it.
+    fn owner_of(&self, st: &libc::stat) -> crate::attrs::Owner {
+        let ids = &self.settings.ids;
+        crate::attrs::Owner {
+            uid: ids.shown_uid(st.st_uid),
+            gid: ids.shown_gid(st.st_gid),
+        }
+    }
+
+    /// Clears the set-id bits of the open `file` that a change `why` by `req`'s caller
+    /// clears, before the change, as the kernel's own write path would.
+    fn drop_setid_bits(
+        &self,
+        req: &Request,
+        file: std::os::fd::BorrowedFd<'_>,
+        why: crate::attrs::SetidLoss,
+    ) -> Result<(), Errno> {
+        let st = sys::stat_fd(file).map_err(errno)?;
+        if let Some(mode) =
+            crate::attrs::setid_bits_dropped(&st, self.owner_of(&st), self.setid_caller(req), why)
+        {
+            sys::chmod_fd(file, mode).map_err(errno)?;
+        }
+        Ok(())
+    }
+
     /// Opens the upper object of `node` (copying it up first) with `flags`.
     fn open_for_write(&self, node: &Node, flags: i32) -> Result<OwnedFd, Errno> {
         let with_data = flags & libc::O_TRUNC == 0;
@@ -518,6 +559,13 @@ impl OverlayFs {
 
 impl fuser::Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // The kernel then stops asking for security.capability before every write(2) (one
+        // GETXATTR round trip per write) and leaves clearing set-id bits to us: a WRITE
+        // says when (FUSE_WRITE_KILL_SUIDGID); truncation is decided here (fuser does not
+        // pass FATTR_KILL_SUIDGID on); chown clears them in the upper filesystem itself.
+        self.kills_privileges = config
+            .add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
         if let Some(max_write) = self.settings.max_write
             && let Err(nearest) = config.set_max_write(max_write)
         {
@@ -630,16 +678,37 @@ impl fuser::Filesystem for OverlayFs {
             };
             // Decided on the object as it is, wherever it is: a refusal copies nothing up.
             let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
-            let caller = crate::attrs::Caller {
-                uid: req.uid(),
-                gid: req.gid(),
-                pid: req.pid(),
-                presumed_privileged: req.uid() == 0 || ids.stored_uid(req.uid()) == Some(0),
-            };
-            let file = crate::attrs::Owner {
-                uid: ids.shown_uid(st.st_uid),
-                gid: ids.shown_gid(st.st_gid),
-            };
+            let caller = self.setid_caller(req);
+            let file = self.owner_of(&st);
+            // With KILLPRIV_V2 the kernel no longer works out the mode that clears set-id
+            // bits: a truncation, and the empty SETATTR a write sends before writing to a
+            // set-id file, are ours to complete (chown clears them in the upper filesystem
+            // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
+            // a non-owner when it would clear a bit, unless the file is open for writing
+            // (then it cannot be told from a write's request).
+            if self.kills_privileges
+                && change.mode.is_none()
+                && (change.size.is_some() || change.is_empty())
+                && let Some(mode) = crate::attrs::setid_bits_dropped(
+                    &st,
+                    file,
+                    caller,
+                    if change.is_empty() {
+                        crate::attrs::SetidLoss::Chown
+                    } else {
+                        crate::attrs::SetidLoss::Modification
+                    },
+                )
+            {
+                if change.is_empty()
+                    && caller.uid != file.uid
+                    && !caller.presumed_privileged
+                    && !self.open_for_writing(&node)
+                {
+                    return Err(Errno::EPERM);
+                }
+                change.mode = Some(mode);
+            }
             crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
                 self.open_for_writing(&node)
             })
@@ -908,12 +977,12 @@ impl fuser::Filesystem for OverlayFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -931,6 +1000,9 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.open_file(fh).and_then(|open| {
             let f = self.file(fh)?;
+            if self.kills_privileges && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.drop_setid_bits(req, f.as_fd(), crate::attrs::SetidLoss::UnprivilegedWrite)?;
+            }
             let n = sys::write_at(f.as_fd(), offset, data).map_err(|e| self.upper_errno(e))?;
             self.health.note_written(&open.node);
             Ok(n)
@@ -1224,7 +1296,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1236,6 +1308,10 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let result = self.file(fh).and_then(|f| {
+            // Changing a file's data or size clears its set-id bits, as a write does.
+            if self.kills_privileges {
+                self.drop_setid_bits(req, f.as_fd(), crate::attrs::SetidLoss::Modification)?;
+            }
             // SAFETY: valid fd.
             let ret = unsafe {
                 libc::fallocate(
@@ -1259,7 +1335,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -1275,6 +1351,9 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.file(fh_in).and_then(|input| {
             let output = self.file(fh_out)?;
+            if self.kills_privileges {
+                self.drop_setid_bits(req, output.as_fd(), crate::attrs::SetidLoss::Modification)?;
+            }
             let mut off_in = offset_in as libc::off64_t;
             let mut off_out = offset_out as libc::off64_t;
             // SAFETY: valid fds and offset pointers.
