@@ -474,6 +474,11 @@ impl OverlayFs {
         fh
     }
 
+    /// The generation of the node behind `attr` (see `Node::generation`).
+    fn generation(&self, attr: &FileAttr) -> Generation {
+        Generation(self.node(attr.ino).map_or(0, |n| n.generation()))
+    }
+
     /// Who sent `req`, for the set-id rules of `attrs`.
     fn setid_caller(&self, req: &Request) -> crate::attrs::Caller {
         let ids = &self.settings.ids;
@@ -613,7 +618,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         match self.do_lookup(parent, name) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(e),
         }
     }
@@ -760,7 +765,7 @@ impl fuser::Filesystem for OverlayFs {
             NewObject::Node { rdev: rdev as u64 }
         };
         match self.create_object(req, parent, name, what, mode) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(e),
         }
     }
@@ -778,7 +783,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         match self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(e),
         }
     }
@@ -824,7 +829,7 @@ impl fuser::Filesystem for OverlayFs {
             target: target.as_os_str().as_bytes(),
         };
         match self.create_object(req, parent, link_name, what, libc::S_IFLNK | 0o777) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(e),
         }
     }
@@ -872,7 +877,7 @@ impl fuser::Filesystem for OverlayFs {
             self.remember(&dir, newname, resolved)
         });
         match result {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(e),
         }
     }
@@ -940,7 +945,7 @@ impl fuser::Filesystem for OverlayFs {
             Ok((attr, fh)) => reply.created(
                 &self.settings.ttl,
                 &attr,
-                Generation(0),
+                self.generation(&attr),
                 FileHandle(fh),
                 self.file_open_flags(),
             ),

@@ -391,6 +391,34 @@ impl ObjRef {
             .retry(|| sys::reopen(self.fd()?.as_fd(), flags))
     }
 
+    /// Whether `fd` (a descriptor on an object with this one's filesystem and inode number)
+    /// is this very object, not a new one that was given the number of this one after it
+    /// was deleted. A held descriptor keeps its inode — and so its number — from being
+    /// reused, so only a let-go object needs its handle (which carries the generation)
+    /// compared.
+    pub fn is(&self, fd: BorrowedFd<'_>) -> bool {
+        let obj = &self.0;
+        let slot = obj.slot.lock();
+        let Slot::Closed {
+            kind, len, bytes, ..
+        } = &*slot
+        else {
+            return true;
+        };
+        let Ok((now, _)) = name_to_handle(fd) else {
+            return true; // cannot tell: keep what we have
+        };
+        match *len {
+            IN_SIDE_TABLE => obj
+                .cache
+                .long_handles
+                .lock()
+                .get(&(Arc::as_ptr(obj) as usize))
+                .is_none_or(|h| h.kind == now.kind && h.bytes == now.bytes),
+            n => i32::from(*kind) == now.kind && bytes[..n as usize] == *now.bytes,
+        }
+    }
+
     /// Whether two references are the same reference (not merely the same object).
     pub fn same(a: &ObjRef, b: &ObjRef) -> bool {
         Arc::ptr_eq(&a.0, &b.0)
@@ -599,6 +627,30 @@ mod tests {
         drop(obj);
         assert_eq!(cache.long_handles.lock().len(), 0, "kept after the drop");
         assert_eq!(cache.held(), 0);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+
+    /// An object let go of and deleted, whose inode number a new file then gets, is told
+    /// apart from that file (by the handle's generation); a held one needs no comparison.
+    #[test]
+    fn a_let_go_object_is_told_apart_from_a_new_one() {
+        let (path, root) = dir();
+        let cache = FdCache::new(&[root.as_fd()]);
+        if cache.decoders[0].is_none() {
+            return;
+        }
+        std::fs::write(path.join("a"), b"x").expect("write");
+        std::fs::write(path.join("b"), b"y").expect("write");
+        let a = cache.adopt(0, sys::open_path_at(root.as_fd(), c"a").expect("open"));
+        let a_again = sys::open_path_at(root.as_fd(), c"a").expect("open");
+        let b = sys::open_path_at(root.as_fd(), c"b").expect("open");
+        assert!(
+            a.is(a_again.as_fd()) && a.is(b.as_fd()),
+            "held: taken as itself"
+        );
+        cache.evict_to(0);
+        assert!(a.is(a_again.as_fd()), "let go: the same file");
+        assert!(!a.is(b.as_fd()), "let go: another file");
         let _ = std::fs::remove_dir_all(&path);
     }
 

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -110,7 +110,11 @@ pub fn layer_dirs(dirs: Vec<LayerDir>) -> Arc<Vec<LayerDir>> {
 pub struct Node {
     pub id: u64,
     /// `S_IFMT` bits of the object.
-    pub file_type: u32,
+    file_type: AtomicU32,
+    /// Counts the objects this id has stood for: a layer object deleted while the kernel
+    /// still knew its node can see its inode number go to a new object, which must reach
+    /// the kernel as a new inode (FUSE tells them apart by generation).
+    generation: AtomicU32,
     state: RwLock<NodeState>,
     /// Held while this node is being copied up.
     pub copy_up: Mutex<()>,
@@ -138,7 +142,17 @@ impl NodeState {
 
 impl Node {
     pub fn is_dir(&self) -> bool {
-        self.file_type == libc::S_IFDIR
+        self.file_type() == libc::S_IFDIR
+    }
+
+    /// `S_IFMT` bits of the object.
+    pub fn file_type(&self) -> u32 {
+        self.file_type.load(Ordering::Relaxed)
+    }
+
+    /// The generation to give the kernel with this node's id.
+    pub fn generation(&self) -> u64 {
+        u64::from(self.generation.load(Ordering::Relaxed))
     }
 
     /// A snapshot of what the node stands for.
@@ -156,6 +170,26 @@ impl Node {
         let mut s = self.state.write();
         s.parent = parent;
         s.name = Name::new(name);
+    }
+
+    /// `resolved` has this node's id: if it is another object than the one the node stands
+    /// for (the old one was deleted and its inode number given to this one), the node now
+    /// stands for it, under a new generation.
+    fn still_is(&self, resolved: Resolved, parent: u64, name: &OsStr) {
+        let Ok(fd) = resolved.obj.fd() else {
+            return;
+        };
+        if self.state().obj.is(std::os::fd::AsFd::as_fd(&*fd)) {
+            return;
+        }
+        log::debug!(
+            "node {} stands for a new object with its inode number",
+            self.id
+        );
+        self.file_type
+            .store(resolved.stat.st_mode & libc::S_IFMT, Ordering::Relaxed);
+        self.set_state(state_of(resolved, parent, name));
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The kernel looked the node up in `parent` under `name` (a lower hard link has
@@ -227,7 +261,8 @@ impl InodeTable {
         let key = (root.stat.st_dev, root.stat.st_ino);
         let node = Arc::new(Node {
             id: ROOT_ID,
-            file_type: libc::S_IFDIR,
+            file_type: AtomicU32::new(libc::S_IFDIR),
+            generation: AtomicU32::new(0),
             state: RwLock::new(state_of(root, ROOT_ID, OsStr::new(""))),
             copy_up: Mutex::new(()),
             // The kernel never forgets the root.
@@ -293,16 +328,25 @@ impl InodeTable {
         if let Some(node) = known {
             node.lookups.fetch_add(1, Ordering::Relaxed);
             node.found_at(parent, name);
+            node.still_is(resolved, parent, name);
             return node;
         }
         let mut nodes = self.nodes.write();
         // Another thread may have inserted it between the two locks.
         let node = match nodes.get(&id) {
-            Some(known) => known.0.clone(),
+            Some(known) => {
+                let node = known.0.clone();
+                drop(nodes);
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                node.found_at(parent, name);
+                node.still_is(resolved, parent, name);
+                return node;
+            }
             None => {
                 let node = Arc::new(Node {
                     id,
-                    file_type: resolved.stat.st_mode & libc::S_IFMT,
+                    file_type: AtomicU32::new(resolved.stat.st_mode & libc::S_IFMT),
+                    generation: AtomicU32::new(0),
                     state: RwLock::new(state_of(resolved, parent, name)),
                     copy_up: Mutex::new(()),
                     lookups: AtomicU64::new(0),
@@ -435,6 +479,60 @@ mod tests {
         assert!(table.get(first.id).is_some());
         table.forget(first.id, 1);
         assert!(table.get(first.id).is_none());
+    }
+
+    /// A deleted object's inode number given to a new object while the kernel still knows
+    /// the old node: the node stands for the new object under a new generation (so the
+    /// kernel takes it for a new inode), and a lookup of the same object changes nothing.
+    #[test]
+    fn a_new_object_with_a_known_nodes_inode_number_gets_a_new_generation() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!(
+            "ovlfuse-inodes-{}-{}",
+            std::process::id(),
+            crate::copy_up::temp_name().to_string_lossy()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("a"), b"a").expect("write");
+        std::fs::write(dir.join("b"), b"b").expect("write");
+        let root = crate::sys::open_dir_path(&dir).expect("open");
+        let cache = crate::handles::FdCache::new(&[root.as_fd()]);
+        // Every object let go of at once, so identities are compared by handle.
+        cache.set_budget(0);
+        let key = |name: &std::ffi::CStr| {
+            let fd = crate::sys::open_path_at(root.as_fd(), name).expect("open");
+            crate::sys::stat_fd(fd.as_fd()).expect("stat")
+        };
+        let found = |name: &std::ffi::CStr, stat: libc::stat| Resolved {
+            layer: 0,
+            obj: cache.adopt(
+                0,
+                crate::sys::open_path_at(root.as_fd(), name).expect("open"),
+            ),
+            stat,
+            merged: Vec::new(),
+        };
+        let table = InodeTable::new(resolved("/"));
+        let node = table.lookup(ROOT_ID, "a".as_ref(), found(c"a", key(c"a")));
+        if cache.held() != 0 {
+            eprintln!("no handle support here (not root?): nothing to check");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        let again = table.lookup(ROOT_ID, "a".as_ref(), found(c"a", key(c"a")));
+        assert!(Arc::ptr_eq(&node, &again));
+        assert_eq!(node.generation(), 0, "the same object is not a new one");
+        // b, as if it had been given a's inode number
+        let reused = table.lookup(ROOT_ID, "b".as_ref(), found(c"b", key(c"a")));
+        assert!(Arc::ptr_eq(&node, &reused), "one id, one node");
+        assert_eq!(node.generation(), 1);
+        let now = crate::sys::stat_fd(node.state().obj.fd().expect("fd").as_fd()).expect("stat");
+        assert_eq!(
+            now.st_ino,
+            key(c"b").st_ino,
+            "the node stands for the new object"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// One node per entry the kernel remembers: a walk of a million entries must fit the
