@@ -88,6 +88,12 @@ struct OpenFile {
     follows: Mutex<Option<LowerOpen>>,
 }
 
+/// An entry a request made or found: what the kernel is told, and the node behind it.
+struct Known {
+    attr: FileAttr,
+    node: Arc<Node>,
+}
+
 /// The union filesystem as fuser sees it.
 pub struct OverlayFs {
     union: Union,
@@ -343,7 +349,7 @@ impl OverlayFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Known, Errno> {
         let dir = self.node(parent)?;
         let resolved = self
             .union
@@ -365,10 +371,10 @@ impl OverlayFs {
 
     /// Registers a kernel lookup of `resolved` (found as `name` in `dir`) and returns the
     /// attributes to answer with.
-    fn remember(&self, dir: &Node, name: &OsStr, resolved: Resolved) -> Result<FileAttr, Errno> {
+    fn remember(&self, dir: &Node, name: &OsStr, resolved: Resolved) -> Result<Known, Errno> {
         let node = self.union.inodes.lookup(dir.id, name, resolved);
         match self.entry_attr(&node) {
-            Ok(attr) => Ok(attr),
+            Ok(attr) => Ok(Known { attr, node }),
             Err(e) => {
                 self.union.inodes.forget(node.id, 1);
                 Err(e)
@@ -474,11 +480,6 @@ impl OverlayFs {
         fh
     }
 
-    /// The generation of the node behind `attr` (see `Node::generation`).
-    fn generation(&self, attr: &FileAttr) -> Generation {
-        Generation(self.node(attr.ino).map_or(0, |n| n.generation()))
-    }
-
     /// Who sent `req`, for the set-id rules of `attrs`.
     fn setid_caller(&self, req: &Request) -> crate::attrs::Caller {
         let ids = &self.settings.ids;
@@ -530,17 +531,27 @@ impl OverlayFs {
         name: &OsStr,
         what: NewObject<'_>,
         mode: u32,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<Known, Errno> {
         let dir = self.node(parent)?;
         let resolved = self
             .union
             .create(&dir, name, what, mode, self.creator(req))
             .map_err(errno)?;
-        let attr = self.remember(&dir, name, resolved)?;
-        self.node(attr.ino)?
-            .name_unsynced
-            .store(true, Ordering::Release);
-        Ok(attr)
+        let known = self.remember(&dir, name, resolved)?;
+        known.node.name_unsynced.store(true, Ordering::Release);
+        Ok(known)
+    }
+
+    /// Answers a request that makes or finds an entry.
+    fn reply_entry(&self, reply: ReplyEntry, found: Result<Known, Errno>) {
+        match found {
+            Ok(known) => reply.entry(
+                &self.settings.ttl,
+                &known.attr,
+                Generation(known.node.generation()),
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     /// The owner a new object gets: the caller's ids as the layers store them (a caller
@@ -617,10 +628,7 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        match self.do_lookup(parent, name) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -764,10 +772,7 @@ impl fuser::Filesystem for OverlayFs {
         } else {
             NewObject::Node { rdev: rdev as u64 }
         };
-        match self.create_object(req, parent, name, what, mode) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, self.create_object(req, parent, name, what, mode));
     }
 
     fn mkdir(
@@ -782,10 +787,8 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        match self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
-            Err(e) => reply.error(e),
-        }
+        let made = self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode);
+        self.reply_entry(reply, made);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -828,10 +831,8 @@ impl fuser::Filesystem for OverlayFs {
         let what = NewObject::Symlink {
             target: target.as_os_str().as_bytes(),
         };
-        match self.create_object(req, parent, link_name, what, libc::S_IFLNK | 0o777) {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
-            Err(e) => reply.error(e),
-        }
+        let made = self.create_object(req, parent, link_name, what, libc::S_IFLNK | 0o777);
+        self.reply_entry(reply, made);
     }
 
     fn rename(
@@ -876,10 +877,7 @@ impl fuser::Filesystem for OverlayFs {
             node.name_unsynced.store(true, Ordering::Release);
             self.remember(&dir, newname, resolved)
         });
-        match result {
-            Ok(attr) => reply.entry(&self.settings.ttl, &attr, self.generation(&attr)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -935,17 +933,21 @@ impl fuser::Filesystem for OverlayFs {
                 .obj
                 .reopen(real_open_flags(flags) & !libc::O_TRUNC)
                 .map_err(errno)?;
-            let attr = self.remember(&dir, name, resolved)?;
-            let node = self.node(attr.ino)?;
+            let Known { attr, node } = self.remember(&dir, name, resolved)?;
             node.name_unsynced.store(true, Ordering::Release);
+            let generation = Generation(node.generation());
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            Ok((attr, self.register_file(node, file, None, writable)))
+            Ok((
+                attr,
+                generation,
+                self.register_file(node, file, None, writable),
+            ))
         })();
         match result {
-            Ok((attr, fh)) => reply.created(
+            Ok((attr, generation, fh)) => reply.created(
                 &self.settings.ttl,
                 &attr,
-                self.generation(&attr),
+                generation,
                 FileHandle(fh),
                 self.file_open_flags(),
             ),
