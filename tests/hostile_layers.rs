@@ -392,10 +392,6 @@ fn roots_of(layers: &Layers) -> Vec<PathBuf> {
 // operations
 // ---------------------------------------------------------------------------
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
 fn last_err<T>(r: libc::c_int, ok: T) -> io::Result<T> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -411,7 +407,7 @@ fn rec<T>(log: &mut OpLog, what: String, r: io::Result<T>, ok: impl FnOnce(&T) -
 
 /// `open(rel, flags)`, logging the kind of what was opened.
 fn open_flags(log: &mut OpLog, rel: &str, flags: i32, flag_name: &str) {
-    let c = cpath(&log.p(rel));
+    let c = cstr(log.p(rel));
     // SAFETY: valid path; the fd is owned below.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
     let r = last_err(fd, ()).and_then(|()| {
@@ -434,7 +430,7 @@ fn open_flags(log: &mut OpLog, rel: &str, flags: i32, flag_name: &str) {
 
 /// `getxattr` (follows symlinks).
 fn getxattr_follow(log: &mut OpLog, rel: &str, name: &str) {
-    let c = cpath(&log.p(rel));
+    let c = cstr(log.p(rel));
     let n = CString::new(name).unwrap();
     let mut buf = vec![0u8; 256];
     // SAFETY: valid strings and buffer.
@@ -451,7 +447,7 @@ fn getxattr_follow(log: &mut OpLog, rel: &str, name: &str) {
 
 /// `setxattr` (follows symlinks).
 fn setxattr_follow(log: &mut OpLog, rel: &str, name: &str) {
-    let c = cpath(&log.p(rel));
+    let c = cstr(log.p(rel));
     let n = CString::new(name).unwrap();
     // SAFETY: valid strings and value.
     let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
@@ -466,7 +462,7 @@ fn setxattr_follow(log: &mut OpLog, rel: &str, name: &str) {
 /// `utimensat(AT_SYMLINK_NOFOLLOW)` to a fixed time, then the mtime read back.
 fn lutimes(log: &mut OpLog, rel: &str) {
     let p = log.p(rel);
-    let c = cpath(&p);
+    let c = cstr(&p);
     let t = libc::timespec {
         tv_sec: 1_000_000_000,
         tv_nsec: 5,
@@ -488,7 +484,7 @@ fn lutimes(log: &mut OpLog, rel: &str) {
 
 /// `fchmodat(AT_SYMLINK_NOFOLLOW)` (chmod of a symlink itself).
 fn lchmod(log: &mut OpLog, rel: &str) {
-    let c = cpath(&log.p(rel));
+    let c = cstr(log.p(rel));
     // SAFETY: valid path.
     let r = unsafe { libc::fchmodat(libc::AT_FDCWD, c.as_ptr(), 0o700, libc::AT_SYMLINK_NOFOLLOW) };
     rec(log, format!("lchmod {rel:?}"), last_err(r, ()), |_| {
@@ -857,7 +853,7 @@ fn build_links(layers: &Layers, t: &Targets) {
 
 /// Names and `d_type`s of a directory, sorted.
 fn readdir_types(log: &mut OpLog, rel: &str) {
-    let c = cpath(&log.p(rel));
+    let c = cstr(log.p(rel));
     // SAFETY: valid path; the stream is closed below.
     let d = unsafe { libc::opendir(c.as_ptr()) };
     let r = if d.is_null() {
@@ -1827,18 +1823,9 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path) -> Tmpfs {
         fs::create_dir_all(at).unwrap();
-        let (c, data) = (cpath(at), CString::new("mode=0755,size=2g").unwrap());
-        // SAFETY: valid strings.
-        let r = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(r, 0, "mount tmpfs: {}", io::Error::last_os_error());
+        if let Err(e) = mount_tmpfs("tmpfs", at, 0, "mode=0755,size=2g") {
+            panic!("mount tmpfs: {e}");
+        }
         Tmpfs(at.to_path_buf())
     }
 
@@ -1849,7 +1836,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let c = cpath(&self.0);
+        let c = cstr(&self.0);
         // SAFETY: valid path.
         if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
             // SAFETY: valid path.
@@ -1915,7 +1902,7 @@ fn swap_new_entries_for_links(
     assert!(ifd >= 0);
     // SAFETY: fresh fd.
     let ifd = unsafe { OwnedFd::from_raw_fd(ifd) };
-    let c = cpath(&dir);
+    let c = cstr(&dir);
     // SAFETY: valid fd and path.
     assert!(unsafe { libc::inotify_add_watch(ifd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE) } >= 0);
     let mut swapped = 0;

@@ -107,25 +107,9 @@ impl TinyTmpfs {
         if nr_inodes > 0 {
             opts.push_str(&format!(",nr_inodes={nr_inodes}"));
         }
-        let r = run_argv(
-            &[
-                OsStr::new("mount"),
-                OsStr::new("-t"),
-                OsStr::new("tmpfs"),
-                OsStr::new("-o"),
-                OsStr::new(&opts),
-                OsStr::new("ovlfuse-tiny"),
-                dir.as_os_str(),
-            ],
-            Duration::from_secs(10),
-        );
-        assert!(
-            r.ok() && is_mounted(&dir),
-            "mount tmpfs on {}: {}{}",
-            dir.display(),
-            r.stdout,
-            r.stderr
-        );
+        if let Err(e) = super::mount_tmpfs("ovlfuse-tiny", &dir, 0, &opts) {
+            panic!("mount tmpfs on {}: {e}", dir.display());
+        }
         TinyTmpfs { dir }
     }
 

@@ -40,10 +40,6 @@ use fuser::{
     Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 
-fn c_path(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path contains NUL")
-}
-
 /// The process (thread group) a kernel thread id belongs to, from `/proc/<tid>/status`.
 fn tgid_of(tid: i32) -> Option<i32> {
     let s = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
@@ -566,7 +562,7 @@ impl Tripwire {
             fd.as_raw_fd()
         ))
         .unwrap();
-        let target = c_path(mnt);
+        let target = super::cstr(mnt);
         // SAFETY: valid C strings.
         let r = unsafe {
             libc::mount(
@@ -655,7 +651,7 @@ impl Tripwire {
     pub fn stop(&mut self) {
         if self.mounted {
             self.mounted = false;
-            let c = c_path(&self.mnt);
+            let c = super::cstr(&self.mnt);
             // SAFETY: valid path.
             if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
                 eprintln!(
@@ -830,7 +826,7 @@ impl FsWatch {
 
     /// Also watches the whole filesystem `dir` is on.
     pub fn add_filesystem(&self, dir: &Path) -> io::Result<()> {
-        let c = c_path(dir);
+        let c = super::cstr(dir);
         // SAFETY: valid fd and path.
         let r = unsafe {
             libc::fanotify_mark(

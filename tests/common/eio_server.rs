@@ -328,10 +328,6 @@ pub struct EioServer {
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
-fn c_path(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path contains NUL")
-}
-
 impl EioServer {
     /// Mounts a server on the (empty) directory `mnt` serving one file `name` of `size`
     /// bytes (a multiple of [`BLOCK`]), all zeros and absent.
@@ -352,7 +348,7 @@ impl EioServer {
             std::os::fd::AsRawFd::as_raw_fd(&fd)
         ))
         .unwrap();
-        let target = c_path(mnt);
+        let target = super::super::cstr(mnt);
         let r = unsafe {
             libc::mount(
                 src.as_ptr(),
@@ -458,7 +454,7 @@ impl EioServer {
     fn abort_connection(&self) {
         let ctl = self.mnt.with_extension("fusectl");
         let _ = fs::create_dir(&ctl);
-        let c = c_path(&ctl);
+        let c = super::super::cstr(&ctl);
         let (src, ty) = (
             CString::new("fusectl").unwrap(),
             CString::new("fusectl").unwrap(),
@@ -487,7 +483,7 @@ impl EioServer {
         self.shared.failing.store(false, Ordering::SeqCst);
         if self.mounted {
             self.mounted = false;
-            let c = c_path(&self.mnt);
+            let c = super::super::cstr(&self.mnt);
             if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
                 let e = io::Error::last_os_error();
                 eprintln!(

@@ -56,7 +56,6 @@
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,10 +116,6 @@ pub struct FaultyExt4 {
     state: Mutex<State>,
 }
 
-fn c_path(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path contains NUL")
-}
-
 fn must(what: &str, r: CmdOut) -> CmdOut {
     assert!(
         r.ok(),
@@ -134,7 +129,7 @@ fn must(what: &str, r: CmdOut) -> CmdOut {
 }
 
 fn statfs(p: &Path) -> io::Result<libc::statfs> {
-    let c = c_path(p);
+    let c = super::cstr(p);
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
@@ -149,7 +144,7 @@ fn tmpfs_used_bytes(p: &Path) -> u64 {
 }
 
 fn remount_tmpfs_size(p: &Path, bytes: u64) -> io::Result<()> {
-    let target = c_path(p);
+    let target = super::cstr(p);
     let data = CString::new(format!("size={bytes}")).unwrap();
     let r = unsafe {
         libc::mount(
@@ -203,7 +198,7 @@ fn mounts_using(p: &Path) -> Vec<PathBuf> {
 }
 
 fn umount_path(p: &Path, who: &str) {
-    let c = c_path(p);
+    let c = super::cstr(p);
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
         return;
     }
@@ -299,25 +294,15 @@ impl FaultyExt4 {
 
     fn setup_tmpfs_image(&self) {
         // 1. the dedicated tmpfs
-        let src = CString::new("ovlfuse-rig").unwrap();
-        let fstype = CString::new("tmpfs").unwrap();
-        let data = CString::new(format!("size={TMPFS_BYTES},mode=0700")).unwrap();
-        let target = c_path(&self.backing);
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                data.as_ptr() as *const libc::c_void,
-            )
-        };
-        assert!(
-            r == 0,
-            "[faultrig] mount tmpfs on {}: {}",
-            self.backing.display(),
-            io::Error::last_os_error()
+        let mounted = super::mount_tmpfs(
+            "ovlfuse-rig",
+            &self.backing,
+            libc::MS_NOSUID | libc::MS_NODEV,
+            &format!("size={TMPFS_BYTES},mode=0700"),
         );
+        if let Err(e) = mounted {
+            panic!("[faultrig] mount tmpfs on {}: {e}", self.backing.display());
+        }
         self.state.lock().unwrap().tmpfs_mounted = true;
 
         // 2. a dense image
@@ -617,7 +602,7 @@ impl FaultyExt4 {
     /// saying rw): ext4 marks itself `emergency_ro` (shown among the superblock options in
     /// mountinfo) and every modification fails with EROFS.  Both are checked.
     pub fn ext4_is_rw(&self) -> bool {
-        let c = c_path(&self.mnt);
+        let c = super::cstr(&self.mnt);
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         let statvfs_rw =
             unsafe { libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY == 0 };
@@ -670,7 +655,7 @@ impl FaultyExt4 {
                 "[faultrig] {} still mounted on the rig: detaching lazily",
                 m.display()
             );
-            let c = c_path(&m);
+            let c = super::cstr(&m);
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
         if st.ext4_mounted {
@@ -713,7 +698,7 @@ impl FaultyExt4 {
             s.stop();
         }
         for m in mounts_at_or_below(&self.base) {
-            let c = c_path(&m);
+            let c = super::cstr(&m);
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
         if mounts_at_or_below(&self.base).is_empty() {

@@ -38,6 +38,27 @@ pub fn cstr(p: impl AsRef<OsStr>) -> CString {
     CString::new(p.as_ref().as_bytes()).expect("path contains NUL")
 }
 
+/// Mounts a tmpfs named `source` on `target` with mount `flags` and tmpfs `options`.
+pub fn mount_tmpfs(
+    source: &str,
+    target: &Path,
+    flags: libc::c_ulong,
+    options: &str,
+) -> io::Result<()> {
+    let (src, dst, data) = (cstr(source), cstr(target), cstr(options));
+    // SAFETY: valid NUL-terminated strings.
+    cvt(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            c"tmpfs".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    })
+    .map(drop)
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())

@@ -28,10 +28,9 @@
 //! mountpoints (`Layers::base()/mnt-*`) of the live union and of the kernel overlays over the
 //! copies are below `base`, and [`CutLab::teardown`] finds them whatever happened.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -123,10 +122,6 @@ impl Drop for OpenedCut<'_> {
     }
 }
 
-fn c_path(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path contains NUL")
-}
-
 fn must(what: &str, r: CmdOut) -> CmdOut {
     assert!(
         r.ok(),
@@ -140,7 +135,7 @@ fn must(what: &str, r: CmdOut) -> CmdOut {
 }
 
 fn umount_or_detach(p: &Path) {
-    let c = c_path(p);
+    let c = super::cstr(p);
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 || !is_mounted(p) {
         return;
     }
@@ -249,25 +244,15 @@ impl CutLab {
             state: Mutex::new(LabState::default()),
         };
         fs::create_dir(&lab.store).unwrap();
-        let src = CString::new("ovlfuse-cuts").unwrap();
-        let fstype = CString::new("tmpfs").unwrap();
-        let data = CString::new(format!("size={STORE_BYTES},mode=0700")).unwrap();
-        let target = c_path(&lab.store);
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                data.as_ptr() as *const libc::c_void,
-            )
-        };
-        assert!(
-            r == 0,
-            "[powercut] mount tmpfs on {}: {}",
-            lab.store.display(),
-            io::Error::last_os_error()
+        let mounted = super::mount_tmpfs(
+            "ovlfuse-cuts",
+            &lab.store,
+            libc::MS_NOSUID | libc::MS_NODEV,
+            &format!("size={STORE_BYTES},mode=0700"),
         );
+        if let Err(e) = mounted {
+            panic!("[powercut] mount tmpfs on {}: {e}", lab.store.display());
+        }
         lab.state.lock().unwrap().store_mounted = true;
         lab
     }
@@ -459,7 +444,7 @@ impl CutLab {
                 "[powercut] {} ({fstype}) still mounted: detaching lazily",
                 m.display()
             );
-            let c = c_path(m);
+            let c = super::cstr(m);
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             if fstype.starts_with("fuse")
                 && let Some(name) = bin.file_name()
