@@ -40,4 +40,5 @@ pub mod status;
 pub mod sys;
 pub mod volatile;
 pub mod whiteout;
+pub mod wire;
 pub mod xattr;

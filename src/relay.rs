@@ -7,9 +7,12 @@
 //! never cloned), a `SOCK_SEQPACKET` socketpair whose other end fuser reads as if
 //! it were the device, and the threads that copy between them:
 //!
-//! * inbound (two threads): read a request from the device, decide with
+//! * inbound (as many threads as fuser has workers, at least two): read a
+//!   request from the device; let the daemon serve it right here if it wants to
+//!   ([`LocalAnswer::serve`]: the daemon decodes the request and writes the whole
+//!   reply, saving the two thread hops through fuser); otherwise decide with
 //!   [`route`] whether fuser may see it, and either forward the bytes unchanged
-//!   as one seqpacket message or answer it right here;
+//!   as one seqpacket message or answer it with a bare result;
 //! * outbound (one thread): receive fuser's replies and notifications from the
 //!   socket and write each one, unchanged, to the device.
 //!
@@ -18,12 +21,16 @@
 //! so every fuser worker thread leaves its loop cleanly and `Session::run`
 //! returns and calls the filesystem's `destroy()`.
 //!
-//! What it must never do: interpret or alter request or reply payloads (the
-//! single exception is clamping `max_write`/`max_pages` in the INIT reply, so the
+//! What it must never do: interpret or alter payloads itself (the single
+//! exception is clamping `max_write`/`max_pages` in the INIT reply, so the
 //! kernel can never send a request, or ask for a reply, bigger than the relay's
-//! buffers); hand fuser an opcode fuser cannot parse; write the reply to a
-//! synthetic request to the kernel; or block on anything but the device and the
-//! socket.
+//! buffers; payloads of served requests are the daemon's, see [`crate::wire`]);
+//! let anything but fuser see the protocol requests (INIT, DESTROY, INTERRUPT,
+//! NOTIFY_REPLY); reply to a FORGET, whoever handled it; hand fuser an opcode
+//! fuser cannot parse; write the reply to a synthetic request to the kernel; or
+//! block on anything but the device, the socket, and the daemon's own work for a
+//! request it chose to serve (which ties up one inbound thread meanwhile, hence
+//! one inbound thread per fuser worker).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -68,8 +75,11 @@ const UNIX_DGRAM_OVERHEAD: usize = 32;
 /// Pages per request the kernel uses when FUSE_MAX_PAGES is not negotiated.
 const KERNEL_DEFAULT_MAX_PAGES: usize = 32;
 
-/// Number of threads reading the device. Two, so that one can read the next
-/// request while the other is still handing a large WRITE to the socket.
+/// The fewest threads reading the device: two, so that one can read the next
+/// request while the other is still handing a large WRITE to the socket. When
+/// fuser has more workers the relay matches them, because a request the daemon
+/// serves is worked on by the inbound thread that read it, and served work must
+/// not starve the reading of the others.
 const INBOUND_THREADS: usize = 2;
 /// Synthetic DESTROY requests use uniques counting down from here; the kernel's
 /// counter starts near zero and steps by 2, so it never gets there.
@@ -150,18 +160,37 @@ fn expects_reply(opcode: u32) -> bool {
 }
 
 /// The hook that lets the daemon answer requests in the relay instead of in fuser:
-/// for opcodes fuser cannot parse at all (FUSE_SYNCFS must get a real result), or
-/// to override one.
+/// for opcodes fuser cannot parse at all (FUSE_SYNCFS must get a real result), to
+/// override one, or to serve the hottest ones without the trip through fuser.
 ///
-/// Called on an inbound relay thread for every request except the protocol ones
-/// the relay always forwards (INIT, DESTROY, INTERRUPT, FORGET, BATCH_FORGET,
-/// NOTIFY_REPLY). It must be quick, and must never touch the mounted tree (that
-/// would send a request to ourselves and deadlock the relay).
+/// Every method runs on an inbound relay thread, which reads no other request
+/// meanwhile. None may touch the mounted tree (that would send a request to
+/// ourselves and deadlock the relay), or wait for anything that needs another
+/// FUSE request answered first.
+///
+/// Order: [`LocalAnswer::serve`] first, for every request but the ones only fuser
+/// may see (INIT, DESTROY, INTERRUPT, NOTIFY_REPLY); then, for requests that are
+/// not FORGET or BATCH_FORGET either, [`LocalAnswer::defer`] and
+/// [`LocalAnswer::answer`].
 pub trait LocalAnswer: Send + Sync {
+    /// Serve the request completely: decode `body` (the bytes after the
+    /// `fuse_in_header`, cut to `header.len`; see [`crate::wire`]), do the work,
+    /// and put the reply payload, without the `fuse_out_header`, in `out` (empty on
+    /// entry; a buffer reused across requests). The relay then writes the header and
+    /// payload to the kernel in one write, as fuser would have.
+    ///
+    /// `None` leaves the request alone: it goes on to `defer`, `answer` and fuser as
+    /// if this hook did not exist. FORGET and BATCH_FORGET are offered too: serving
+    /// one means the daemon took the lookups back itself, and no reply is written
+    /// whatever this returns.
+    fn serve(&self, _header: &InHeader, _body: &[u8], _out: &mut Vec<u8>) -> Option<Served> {
+        None
+    }
+
     /// `Some(0)` answers success with no payload, so it only fits opcodes whose
     /// reply has no body (SYNCFS, FLUSH, FSYNC, ...). `Some(-errno)` answers that
     /// error. `None` lets the relay decide: forward if fuser can parse the opcode,
-    /// else answer ENOSYS.
+    /// else answer ENOSYS. Must be quick.
     fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32>;
 
     /// For requests whose answer takes time (FUSE_SYNCFS flushes a whole filesystem): a job
@@ -181,18 +210,31 @@ pub trait LocalAnswer: Send + Sync {
 /// A job computing the result of one deferred request; see [`LocalAnswer::defer`].
 pub type DeferredAnswer = Box<dyn FnOnce() -> i32 + Send>;
 
-/// Requests that belong to the protocol itself and always go to fuser: it must negotiate
-/// INIT, leave its loop on DESTROY, and never reply to FORGETs.
-fn is_protocol(op: u32) -> bool {
+/// What the daemon did with a request it served on the relay thread; see
+/// [`LocalAnswer::serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Reply with this result: 0 with the payload the hook put in `out`, or a
+    /// negative errno (the payload, if any, is not sent: error replies have none).
+    Reply(i32),
+    /// Write nothing: the request expects no reply.
+    NoReply,
+}
+
+/// Requests only fuser may see: it negotiates INIT, leaves its loop on DESTROY, and
+/// matches INTERRUPT and NOTIFY_REPLY to requests it has in hand.
+fn fuser_only(op: u32) -> bool {
     matches!(
         op,
-        opcode::INIT
-            | opcode::DESTROY
-            | opcode::INTERRUPT
-            | opcode::FORGET
-            | opcode::BATCH_FORGET
-            | opcode::NOTIFY_REPLY
+        opcode::INIT | opcode::DESTROY | opcode::INTERRUPT | opcode::NOTIFY_REPLY
     )
+}
+
+/// Requests that belong to the protocol itself and go to fuser unless served: the
+/// fuser-only ones, and the FORGETs, which must never be answered (so `answer` and
+/// `defer`, which always produce a reply, never see them).
+fn is_protocol(op: u32) -> bool {
+    fuser_only(op) || matches!(op, opcode::FORGET | opcode::BATCH_FORGET)
 }
 
 /// The default [`LocalAnswer`]: ENOSYS for every opcode fuser cannot parse, and
@@ -218,10 +260,10 @@ pub enum Route {
 
 /// The single place that decides whether a request reaches fuser.
 ///
-/// Order matters: protocol requests always go to fuser (it must negotiate INIT,
-/// leave its loop on DESTROY, and never reply to FORGETs); then the daemon's
-/// [`LocalAnswer`] hook; then the safety net that keeps unparseable opcodes away
-/// from fuser whatever the hook said.
+/// Runs for requests [`LocalAnswer::serve`] left alone. Order matters: protocol
+/// requests always go to fuser (it must negotiate INIT, leave its loop on DESTROY,
+/// and never reply to FORGETs); then the daemon's [`LocalAnswer::answer`]; then the
+/// safety net that keeps unparseable opcodes away from fuser whatever the hook said.
 pub fn route(local: &dyn LocalAnswer, header: &InHeader, body: &[u8]) -> Route {
     let op = header.opcode;
     if is_protocol(op) {
@@ -300,8 +342,17 @@ struct Shared {
 impl Shared {
     fn inbound(self: &Arc<Self>) {
         let mut buf = vec![0u8; self.max_write as usize + REQUEST_HEADROOM];
+        // Payloads of served requests; keeps its capacity from one request to the next.
+        let mut served_payload = Vec::new();
         loop {
             let n = match read_fd(self.device.as_fd(), &mut buf) {
+                // /dev/fuse never reads 0 bytes; a descriptor that does (a socket standing
+                // in for it) has no more requests to give.
+                Ok(0) => {
+                    log::debug!("relay: the device reached end of file");
+                    self.begin_shutdown(ShutdownCause::Disconnected);
+                    return;
+                }
                 Ok(n) => n,
                 // ENOENT: the request was interrupted and withdrawn before we got
                 // it; EINTR/EAGAIN: nothing read. All safe to retry.
@@ -341,13 +392,23 @@ impl Shared {
                 continue;
             }
             let end = (header.len as usize).clamp(IN_HEADER_LEN, n);
+            let body = &buf[IN_HEADER_LEN..end];
+            if !fuser_only(header.opcode) {
+                served_payload.clear();
+                if let Some(served) = self.local.serve(&header, body, &mut served_payload) {
+                    if let Served::Reply(result) = served {
+                        self.reply(&header, normalize_errno(result), &served_payload);
+                    }
+                    continue;
+                }
+            }
             if !is_protocol(header.opcode)
-                && let Some(job) = self.local.defer(&header, &buf[IN_HEADER_LEN..end])
+                && let Some(job) = self.local.defer(&header, body)
             {
                 self.run_deferred(header, job);
                 continue;
             }
-            match route(&*self.local, &header, &buf[IN_HEADER_LEN..end]) {
+            match route(&*self.local, &header, body) {
                 Route::Forward => self.forward(&header, &buf[..n]),
                 Route::Answer(result) => self.answer(&header, result),
             }
@@ -430,22 +491,43 @@ impl Shared {
 
     /// Reply to a request with a bare fuse_out_header carrying `result`.
     fn answer(&self, header: &InHeader, result: i32) {
+        self.reply(header, result, &[]);
+    }
+
+    /// Reply to a request with `result` (0 or a negative errno) and, on success,
+    /// `payload`: header and payload in one write, as the kernel requires. Requests
+    /// that expect no reply get none.
+    fn reply(&self, header: &InHeader, result: i32, payload: &[u8]) {
         if !expects_reply(header.opcode) {
             return;
         }
+        // The kernel refuses an error reply that carries anything after the header.
+        let payload = if result == 0 { payload } else { &[] };
+        let Ok(len) = u32::try_from(OUT_HEADER_LEN + payload.len()) else {
+            log::error!(
+                "relay: a {}-byte reply to request {} (opcode {}) cannot be sent; answering EIO",
+                payload.len(),
+                header.unique,
+                header.opcode
+            );
+            return self.answer(header, -libc::EIO);
+        };
         let mut out = [0u8; OUT_HEADER_LEN];
-        out[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+        out[0..4].copy_from_slice(&len.to_ne_bytes());
         out[4..8].copy_from_slice(&result.to_ne_bytes());
         out[8..16].copy_from_slice(&header.unique.to_ne_bytes());
-        match write_fd(self.device.as_fd(), &out) {
+        match write_reply(self.device.as_fd(), &out, payload) {
             Ok(_) => {}
             // ENOENT: the request was interrupted meanwhile; ENODEV: the
             // connection is gone, so is the caller.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {}
+            // A reply the kernel finds malformed (EINVAL) still ends its request, with
+            // EIO, so nobody hangs; the log says which one.
             Err(e) => log::error!(
-                "relay: answering request {} (opcode {}) with {result} failed: {e}",
+                "relay: answering request {} (opcode {}) with {result} and {} payload bytes failed: {e}",
                 header.unique,
-                header.opcode
+                header.opcode,
+                payload.len()
             ),
         }
     }
@@ -761,10 +843,11 @@ pub fn start(
         largest_reply: AtomicUsize::new(0),
     });
 
-    let mut threads = Vec::with_capacity(INBOUND_THREADS + 1);
+    let inbound_threads = INBOUND_THREADS.max(fuser_threads);
+    let mut threads = Vec::with_capacity(inbound_threads + 1);
     let out = Arc::clone(&shared);
     threads.push(spawn("ovlfuse-relay-out", move || out.outbound())?);
-    for i in 0..INBOUND_THREADS {
+    for i in 0..inbound_threads {
         let inb = Arc::clone(&shared);
         threads.push(spawn(&format!("ovlfuse-relay-in{i}"), move || {
             inb.inbound()
@@ -928,6 +1011,37 @@ fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Write a reply made of `header` and `payload` with one writev: the kernel takes a
+/// reply only whole, from a single write.
+fn write_reply(fd: BorrowedFd<'_>, header: &[u8], payload: &[u8]) -> io::Result<usize> {
+    if payload.is_empty() {
+        return write_fd(fd, header);
+    }
+    let iov = [
+        libc::iovec {
+            iov_base: header.as_ptr().cast_mut().cast(),
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        },
+    ];
+    loop {
+        // SAFETY: both iovecs describe live buffers, which writev only reads.
+        let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 /// Send one seqpacket message. MSG_NOSIGNAL: a closed peer must be an EPIPE
 /// error, not a process-killing SIGPIPE.
 fn send_message(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<()> {
@@ -973,6 +1087,8 @@ mod tests {
     use crate::mount::{MountSpec, mount, unmount};
     use std::ffi::{CString, OsStr};
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::DirEntryExt;
+    use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::AtomicBool;
     use std::time::UNIX_EPOCH;
@@ -1137,6 +1253,299 @@ mod tests {
         assert_eq!(queued, 1000);
         let mut buf = [0u8; 128];
         assert_eq!(recv_message(b.as_fd(), &mut buf).unwrap(), 64);
+    }
+
+    #[test]
+    fn only_fuser_sees_the_session_requests() {
+        for op in [
+            opcode::INIT,
+            opcode::DESTROY,
+            opcode::INTERRUPT,
+            opcode::NOTIFY_REPLY,
+        ] {
+            assert!(fuser_only(op) && is_protocol(op), "{op}");
+        }
+        // The daemon may serve FORGETs, but `answer` and `defer` never see them.
+        for op in [opcode::FORGET, opcode::BATCH_FORGET] {
+            assert!(!fuser_only(op) && is_protocol(op), "{op}");
+        }
+        for op in [1, 3, 14, 28, 35, opcode::SYNCFS, opcode::STATX] {
+            assert!(!fuser_only(op) && !is_protocol(op), "{op}");
+        }
+    }
+
+    // ---- serving, with a socket standing in for /dev/fuse ----
+
+    const LOOKUP: u32 = 1;
+    const GETATTR: u32 = 3;
+    const OPEN: u32 = 14;
+
+    /// Serves GETATTR with a payload made from the request (its body, then its unique),
+    /// LOOKUP with a positive ENOENT and a payload that must not be sent, FORGET and
+    /// BATCH_FORGET with `forgets` (a wrong `Reply(0)` included), and nothing else.
+    /// Records the opcode of every call to each method.
+    struct Recorder {
+        forgets: Option<Served>,
+        served: Mutex<Vec<u32>>,
+        answered: Mutex<Vec<u32>>,
+        deferred: Mutex<Vec<u32>>,
+    }
+
+    impl Recorder {
+        fn new(forgets: Option<Served>) -> Arc<Recorder> {
+            Arc::new(Recorder {
+                forgets,
+                served: Mutex::new(Vec::new()),
+                answered: Mutex::new(Vec::new()),
+                deferred: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl LocalAnswer for Recorder {
+        fn serve(&self, header: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Option<Served> {
+            self.served.lock().push(header.opcode);
+            assert!(
+                out.is_empty(),
+                "the payload buffer is cleared before each call"
+            );
+            match header.opcode {
+                GETATTR => {
+                    out.extend_from_slice(body);
+                    out.extend_from_slice(&header.unique.to_ne_bytes());
+                    Some(Served::Reply(0))
+                }
+                LOOKUP => {
+                    out.extend_from_slice(b"not for an error reply");
+                    Some(Served::Reply(libc::ENOENT))
+                }
+                opcode::FORGET | opcode::BATCH_FORGET => self.forgets,
+                _ => None,
+            }
+        }
+
+        fn answer(&self, op: u32, _header: &InHeader, _body: &[u8]) -> Option<i32> {
+            self.answered.lock().push(op);
+            None
+        }
+
+        fn defer(&self, header: &InHeader, _body: &[u8]) -> Option<DeferredAnswer> {
+            self.deferred.lock().push(header.opcode);
+            None
+        }
+    }
+
+    /// A relay whose device is one end of a socketpair: the test writes requests into
+    /// the other end as the kernel would and reads what the relay writes back; it also
+    /// holds fuser's end and reads what is forwarded.
+    struct FakeDevice {
+        kernel: OwnedFd,
+        fuser: OwnedFd,
+        relay: Relay,
+    }
+
+    /// How long a "nothing arrives" check waits; a wrong write comes within microseconds.
+    const QUIET: Duration = Duration::from_millis(300);
+
+    impl FakeDevice {
+        fn start(local: Arc<dyn LocalAnswer>) -> FakeDevice {
+            let (kernel, device) = seqpacket_pair().unwrap();
+            let (relay, fuser, _) = start(device, 2, local).unwrap();
+            FakeDevice {
+                kernel,
+                fuser,
+                relay,
+            }
+        }
+
+        fn send(&self, op: u32, unique: u64, body: &[u8]) {
+            let header = InHeader {
+                len: (IN_HEADER_LEN + body.len()) as u32,
+                opcode: op,
+                unique,
+                nodeid: 7,
+                uid: 0,
+                gid: 0,
+                pid: 1,
+                total_extlen: 0,
+            };
+            let message = [&header.encode()[..], body].concat();
+            send_message(self.kernel.as_fd(), &message).unwrap();
+        }
+
+        /// The next message on `fd` within `limit`, if any.
+        fn receive(fd: BorrowedFd<'_>, limit: Duration) -> Option<Vec<u8>> {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int) };
+            if ready <= 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; 1 << 16];
+            let n = recv_message(fd, &mut buf).unwrap();
+            buf.truncate(n);
+            Some(buf)
+        }
+
+        /// What the relay wrote to the device next.
+        fn reply(&self) -> Vec<u8> {
+            Self::receive(self.kernel.as_fd(), HANG_LIMIT).expect("no reply written")
+        }
+
+        fn assert_no_reply(&self) {
+            if let Some(extra) = Self::receive(self.kernel.as_fd(), QUIET) {
+                panic!("unexpected write to the device: {extra:?}");
+            }
+        }
+
+        /// What the relay forwarded to fuser next.
+        fn forwarded(&self) -> Vec<u8> {
+            Self::receive(self.fuser.as_fd(), HANG_LIMIT).expect("nothing forwarded")
+        }
+
+        fn assert_nothing_forwarded(&self) {
+            if let Some(extra) = Self::receive(self.fuser.as_fd(), QUIET) {
+                panic!("unexpected message to fuser: {extra:?}");
+            }
+        }
+
+        /// Close both ends the test plays; every relay thread must then end.
+        fn finish(self) {
+            let FakeDevice {
+                kernel,
+                fuser,
+                relay,
+            } = self;
+            drop(kernel);
+            drop(fuser);
+            within("relay join", move || relay.join());
+        }
+    }
+
+    fn out_header(reply: &[u8]) -> (u32, i32, u64) {
+        (
+            u32::from_ne_bytes(reply[0..4].try_into().unwrap()),
+            i32::from_ne_bytes(reply[4..8].try_into().unwrap()),
+            u64::from_ne_bytes(reply[8..16].try_into().unwrap()),
+        )
+    }
+
+    #[test]
+    fn served_reply_is_header_and_payload_in_one_write() {
+        let hook = Recorder::new(None);
+        let dev = FakeDevice::start(hook.clone());
+        // More requests than inbound threads, so some thread serves twice and the hook's
+        // check that it gets an empty buffer means something.
+        for unique in [1000u64, 1002, 1004, 1006, 1008] {
+            let body: Vec<u8> = (0..16).map(|i| i as u8 ^ unique as u8).collect();
+            dev.send(GETATTR, unique, &body);
+            let reply = dev.reply();
+            let expected_payload = [&body[..], &unique.to_ne_bytes()].concat();
+            assert_eq!(reply.len(), OUT_HEADER_LEN + expected_payload.len());
+            assert_eq!(out_header(&reply), (reply.len() as u32, 0, unique));
+            assert_eq!(&reply[OUT_HEADER_LEN..], &expected_payload[..]);
+        }
+        dev.assert_nothing_forwarded();
+        assert!(
+            hook.answered.lock().is_empty(),
+            "served requests go no further"
+        );
+        assert!(hook.deferred.lock().is_empty());
+        dev.finish();
+    }
+
+    #[test]
+    fn served_error_reply_has_no_payload() {
+        let dev = FakeDevice::start(Recorder::new(None));
+        dev.send(LOOKUP, 77, b"name\0");
+        let reply = dev.reply();
+        assert_eq!(reply.len(), OUT_HEADER_LEN);
+        assert_eq!(out_header(&reply), (16, -libc::ENOENT, 77));
+        dev.assert_no_reply();
+        dev.finish();
+    }
+
+    #[test]
+    fn served_forgets_are_never_answered() {
+        for forgets in [Served::Reply(0), Served::Reply(-libc::EIO), Served::NoReply] {
+            let hook = Recorder::new(Some(forgets));
+            let dev = FakeDevice::start(hook.clone());
+            dev.send(opcode::FORGET, 10, &1u64.to_ne_bytes());
+            let batch = [&1u32.to_ne_bytes()[..], &[0; 4], &[5; 16]].concat();
+            dev.send(opcode::BATCH_FORGET, 12, &batch);
+            // A served request after them: its reply must be the only write.
+            dev.send(GETATTR, 14, &[0; 16]);
+            let reply = dev.reply();
+            assert_eq!(out_header(&reply).2, 14, "{forgets:?}");
+            dev.assert_no_reply();
+            dev.assert_nothing_forwarded();
+            let mut served = hook.served.lock().clone();
+            served.sort();
+            assert_eq!(
+                served,
+                [opcode::FORGET, GETATTR, opcode::BATCH_FORGET],
+                "{forgets:?}"
+            );
+            dev.finish();
+        }
+    }
+
+    #[test]
+    fn unserved_requests_go_on_as_before() {
+        let hook = Recorder::new(None);
+        let dev = FakeDevice::start(hook.clone());
+        // OPEN: not served, so `defer`, `answer`, and finally fuser.
+        dev.send(OPEN, 20, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let forwarded = dev.forwarded();
+        let header = InHeader::parse(&forwarded).unwrap();
+        assert_eq!((header.opcode, header.unique), (OPEN, 20));
+        assert_eq!(&forwarded[IN_HEADER_LEN..], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(*hook.deferred.lock(), [OPEN]);
+        assert_eq!(*hook.answered.lock(), [OPEN]);
+
+        // FORGET and BATCH_FORGET not served: to fuser, never past `answer` or `defer`.
+        dev.send(opcode::FORGET, 22, &1u64.to_ne_bytes());
+        assert_eq!(InHeader::parse(&dev.forwarded()).unwrap().unique, 22);
+        dev.send(opcode::BATCH_FORGET, 24, &[0; 8]);
+        assert_eq!(InHeader::parse(&dev.forwarded()).unwrap().unique, 24);
+
+        // INTERRUPT is fuser's alone: not even offered to `serve`.
+        dev.send(opcode::INTERRUPT, 26, &20u64.to_ne_bytes());
+        assert_eq!(InHeader::parse(&dev.forwarded()).unwrap().unique, 26);
+
+        // An opcode fuser cannot parse, unserved: the ENOSYS safety net.
+        dev.send(opcode::TMPFILE, 28, &[0; 16]);
+        assert_eq!(out_header(&dev.reply()), (16, -libc::ENOSYS, 28));
+
+        dev.assert_no_reply();
+        assert_eq!(
+            *hook.served.lock(),
+            [OPEN, opcode::FORGET, opcode::BATCH_FORGET, opcode::TMPFILE]
+        );
+        assert_eq!(*hook.answered.lock(), [OPEN, opcode::TMPFILE]);
+        assert_eq!(*hook.deferred.lock(), [OPEN, opcode::TMPFILE]);
+        dev.finish();
+    }
+
+    #[test]
+    fn nothing_is_served_once_shutdown_began() {
+        let hook = Recorder::new(None);
+        let dev = FakeDevice::start(hook.clone());
+        dev.send(opcode::DESTROY, 30, &[]);
+        assert_eq!(InHeader::parse(&dev.forwarded()).unwrap().unique, 30);
+        let began = Instant::now();
+        while !dev.relay.shared.shutdown_started.load(Ordering::Acquire) {
+            assert!(began.elapsed() < HANG_LIMIT, "shutdown did not begin");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        dev.send(GETATTR, 32, &[0; 16]);
+        assert_eq!(out_header(&dev.reply()), (16, -libc::EIO, 32));
+        assert!(hook.served.lock().is_empty());
+        dev.finish();
     }
 
     // ---- a tiny filesystem: root directory with one file, "data" ----
@@ -1657,6 +2066,135 @@ mod tests {
             move || open_tmpfile(dir)
         });
         assert_eq!(errno, libc::EROFS);
+        h.unmount_and_check();
+    }
+
+    /// Replies the daemon serves itself reach the kernel intact: a name fuser's
+    /// filesystem does not have, its attributes, and a listing that shows it.
+    #[test]
+    fn served_replies_are_accepted_by_the_kernel() {
+        if !is_root() {
+            eprintln!("skipping: needs root for mount(2)");
+            return;
+        }
+        const SERVED: u64 = 3;
+        const SERVED_SIZE: u64 = 4242;
+        /// Serves LOOKUP of "served", GETATTR of its node, and READDIR of the root;
+        /// leaves everything else to fuser's TinyFs.
+        #[derive(Default)]
+        struct ServeOne {
+            lookups: AtomicU64,
+            getattrs: AtomicU64,
+            readdirs: AtomicU64,
+        }
+        impl ServeOne {
+            fn attr() -> FileAttr {
+                FileAttr {
+                    atime: UNIX_EPOCH - Duration::new(1, 200_000_000),
+                    ..attr(SERVED, SERVED_SIZE)
+                }
+            }
+        }
+        impl LocalAnswer for ServeOne {
+            fn serve(&self, header: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Option<Served> {
+                use crate::wire;
+                match header.opcode {
+                    1 if header.nodeid == ROOT => {
+                        if wire::parse_name(body)? != "served" {
+                            return None;
+                        }
+                        self.lookups.fetch_add(1, Ordering::Relaxed);
+                        // TTL zero: every stat asks again.
+                        wire::put_entry_out(
+                            out,
+                            &Duration::ZERO,
+                            &Self::attr(),
+                            fuser::Generation(1),
+                        );
+                        Some(Served::Reply(0))
+                    }
+                    3 if header.nodeid == SERVED => {
+                        wire::parse_getattr(body)?;
+                        self.getattrs.fetch_add(1, Ordering::Relaxed);
+                        wire::put_attr_out(out, &Duration::ZERO, &Self::attr());
+                        Some(Served::Reply(0))
+                    }
+                    28 if header.nodeid == ROOT => {
+                        let Some(read) = wire::parse_read(body) else {
+                            return Some(Served::Reply(-libc::EIO));
+                        };
+                        self.readdirs.fetch_add(1, Ordering::Relaxed);
+                        let entries = [
+                            (ROOT, FileType::Directory, "."),
+                            (ROOT, FileType::Directory, ".."),
+                            (SERVED, FileType::RegularFile, "served"),
+                        ];
+                        let mut list = wire::DirentList::new(out, read.size);
+                        for (i, (ino, kind, name)) in
+                            entries.iter().enumerate().skip(read.offset as usize)
+                        {
+                            if !list.add_if_fits(*ino, i as u64 + 1, *kind, OsStr::new(name)) {
+                                break;
+                            }
+                        }
+                        Some(Served::Reply(0))
+                    }
+                    _ => None,
+                }
+            }
+
+            fn answer(&self, op: u32, h: &InHeader, b: &[u8]) -> Option<i32> {
+                UnsupportedOpcodes.answer(op, h, b)
+            }
+        }
+        let hook = Arc::new(ServeOne::default());
+        let h = mount_with_relay(
+            "serve",
+            b"fuser's\n".to_vec(),
+            Duration::from_secs(1),
+            2,
+            hook.clone(),
+        );
+
+        let served = h.path("served");
+        let meta = within("stat served", move || {
+            std::fs::symlink_metadata(served).unwrap()
+        });
+        assert_eq!(meta.len(), SERVED_SIZE);
+        assert_eq!(meta.ino(), SERVED);
+        assert_eq!(meta.mode(), libc::S_IFREG | 0o644);
+        assert_eq!((meta.atime(), meta.atime_nsec()), (-2, 800_000_000));
+        assert!(hook.lookups.load(Ordering::Relaxed) >= 1);
+
+        // fstat on an open file: attributes expired at once, so a GETATTR (with fh).
+        let served = h.path("served");
+        let size = within("fstat served", move || {
+            let file = std::fs::File::open(served).unwrap();
+            file.metadata().unwrap().len()
+        });
+        assert_eq!(size, SERVED_SIZE);
+        assert!(hook.getattrs.load(Ordering::Relaxed) >= 1);
+
+        let dir = h.dir.0.clone();
+        let mut names = within("readdir", move || {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name().to_string_lossy().into_owned(), e.ino())
+                })
+                .collect::<Vec<_>>()
+        });
+        names.sort();
+        assert_eq!(names, [("served".to_string(), SERVED)]);
+        assert!(hook.readdirs.load(Ordering::Relaxed) >= 1);
+
+        // fuser still answers what the hook leaves alone.
+        let data = h.path("data");
+        assert_eq!(
+            within("read data", move || std::fs::read(data).unwrap()),
+            b"fuser's\n"
+        );
         h.unmount_and_check();
     }
 
