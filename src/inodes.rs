@@ -324,9 +324,14 @@ impl InodeTable {
     /// written name would have lost the data, and the other would show it.
     pub fn lookup(&self, parent: u64, name: &std::ffi::OsStr, resolved: Resolved) -> Arc<Node> {
         let id = self.id_of((resolved.stat.st_dev, resolved.stat.st_ino));
-        let known = self.nodes.read().get(&id).map(|n| n.0.clone());
+        // The count goes up under the table's lock: a FORGET (which removes a node whose
+        // count reaches 0, under the write lock) must not remove the node between our
+        // finding it and counting this lookup, or the kernel would hold an id we dropped.
+        let known = self.nodes.read().get(&id).map(|n| {
+            n.0.lookups.fetch_add(1, Ordering::Relaxed);
+            n.0.clone()
+        });
         if let Some(node) = known {
-            node.lookups.fetch_add(1, Ordering::Relaxed);
             node.found_at(parent, name);
             node.still_is(resolved, parent, name);
             return node;
@@ -336,8 +341,8 @@ impl InodeTable {
         let node = match nodes.get(&id) {
             Some(known) => {
                 let node = known.0.clone();
-                drop(nodes);
                 node.lookups.fetch_add(1, Ordering::Relaxed);
+                drop(nodes);
                 node.found_at(parent, name);
                 node.still_is(resolved, parent, name);
                 return node;
