@@ -164,7 +164,7 @@ fn worker_threads(config: &MountConfig) -> usize {
 }
 
 /// Mounts, tells the waiting parent (if any) how it went, serves until unmounted.
-fn serve(config: MountConfig, mut fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
+fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     crate::sys::raise_nofile_limit();
     // New objects get exactly the mode the caller asked for (the kernel has already applied
     // the caller's umask); the daemon's own umask must not strip more.
@@ -213,7 +213,7 @@ fn serve(config: MountConfig, mut fs: OverlayFs, ready: Option<ReadyPipe>) -> i3
             (device, None)
         }
         Transport::Fuseblk => {
-            let hook = Arc::new(crate::health::RelayHook {
+            let hook = fs.relay_hook(crate::health::RelayHook {
                 health: Arc::clone(&health),
             });
             match crate::relay::start(device, threads, hook) {
@@ -229,6 +229,16 @@ fn serve(config: MountConfig, mut fs: OverlayFs, ready: Option<ReadyPipe>) -> i3
             }
         }
     };
+    // Passthrough's backing files are registered on the connection with ioctls on a
+    // descriptor of it: fuser's own is out of reach, so a duplicate.
+    let connection = match &relay {
+        Some(relay) => relay.device().try_clone_to_owned(),
+        None => channel.try_clone(),
+    };
+    match connection {
+        Ok(fd) => fs.use_passthrough(fd),
+        Err(e) => log::warn!("passthrough off: cannot duplicate the FUSE descriptor: {e}"),
+    }
     // Session::from_fd performs the INIT handshake: once it returns, the kernel has the
     // mount's parameters and requests are being served.
     let session = match fuser::Session::from_fd(fs, channel, fuser::SessionACL::All, session_config)

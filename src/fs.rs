@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -35,6 +35,7 @@ use crate::inodes::{Node, ROOT_ID};
 use crate::layers::LayerStack;
 use crate::lookup::Resolved;
 use crate::namespace::{Creator, NewObject, Union};
+use crate::passthrough::{IoMode, Passthrough};
 use crate::readdir;
 use crate::sys;
 use crate::xattr::{self, Caller};
@@ -86,6 +87,8 @@ struct OpenFile {
     /// opened from and the open flags. When the node is copied up through another descriptor,
     /// reads switch to the upper copy, as they do on the kernel overlay.
     follows: Mutex<Option<LowerOpen>>,
+    /// How the kernel serves this open (through us, or straight to the upper file).
+    io: IoMode,
 }
 
 /// An entry a request made or found: what the kernel is told, and the node behind it.
@@ -94,8 +97,21 @@ struct Known {
     node: Arc<Node>,
 }
 
-/// The union filesystem as fuser sees it.
+/// The union filesystem as fuser sees it: a handle on the [`Core`], which the relay's fast
+/// path (`fast_path`) shares on a fuseblk mount.
 pub struct OverlayFs {
+    core: Arc<Core>,
+}
+
+impl std::ops::Deref for OverlayFs {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// Everything the union's request handlers use, whichever thread serves the request.
+pub struct Core {
     union: Union,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     dirs: RwLock<HashMap<u64, Arc<Mutex<DirStream>>>>,
@@ -106,20 +122,28 @@ pub struct OverlayFs {
     next_handle: AtomicU64,
     /// FUSE_HANDLE_KILLPRIV_V2 was agreed: set-id bits are ours to clear on write and
     /// truncate.
-    kills_privileges: bool,
+    kills_privileges: AtomicBool,
+    /// The largest WRITE the transport carries (0: no bound but fuser's own).
+    max_write_limit: AtomicU32,
     settings: FsSettings,
     health: Arc<Health>,
     canary: Option<Arc<Canary>>,
+    passthrough: Passthrough,
 }
 
 /// Adds the entries a reader at `offset` has not seen yet, as many as fit; returns whether
 /// the listing was given to its end. Offsets are the entries' cookies: the same place in
 /// every snapshot of the directory.
-fn fill_listing(reply: &mut ReplyDirectory, entries: &[readdir::Entry], offset: u64) -> bool {
+/// `add` takes one entry (inode number, cookie, type, name) and says whether it fitted.
+pub(crate) fn fill_listing(
+    entries: &[readdir::Entry],
+    offset: u64,
+    mut add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+) -> bool {
     let start = readdir::resume_at(entries, offset);
     for entry in &entries[start..] {
-        if reply.add(
-            INodeNo(entry.ino),
+        if !add(
+            entry.ino,
             entry.cookie,
             file_type(entry.file_type),
             &entry.name,
@@ -128,6 +152,13 @@ fn fill_listing(reply: &mut ReplyDirectory, entries: &[readdir::Entry], offset: 
         }
     }
     true
+}
+
+/// [`fill_listing`] into fuser's reply.
+fn fill_reply(reply: &mut ReplyDirectory, entries: &[readdir::Entry], offset: u64) -> bool {
+    fill_listing(entries, offset, |ino, cookie, kind, name| {
+        !reply.add(INodeNo(ino), cookie, kind, name)
+    })
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -163,17 +194,44 @@ impl OverlayFs {
         health: Arc<Health>,
         canary: Option<Arc<Canary>>,
     ) -> io::Result<OverlayFs> {
-        Ok(OverlayFs {
+        let core = Core {
             union: Union::new(stack, durable)?,
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             recent_listings: Mutex::new(VecDeque::new()),
             next_handle: AtomicU64::new(1),
-            kills_privileges: false,
+            kills_privileges: AtomicBool::new(false),
+            max_write_limit: AtomicU32::new(0),
             settings,
             health,
             canary,
+            passthrough: Passthrough::off(),
+        };
+        Ok(OverlayFs {
+            core: Arc::new(core),
         })
+    }
+}
+
+impl OverlayFs {
+    /// The relay hook of a fuseblk mount: serves the hottest requests on the relay's own
+    /// threads from this union, and leaves the rest to `rest` and fuser.
+    pub fn relay_hook(&self, rest: crate::health::RelayHook) -> Arc<dyn crate::relay::LocalAnswer> {
+        Arc::new(crate::fast_path::FastPath::new(
+            Arc::clone(&self.core),
+            rest,
+        ))
+    }
+}
+
+impl Core {
+    /// Offers FUSE passthrough for upper files through the mount's connection `device`
+    /// (a descriptor of it; on fuseblk, the relay's). Not on volatile mounts: there every
+    /// read and write must reach the daemon, which refuses them once the mount is poisoned.
+    pub fn use_passthrough(&self, device: OwnedFd) {
+        if self.settings.cache {
+            self.passthrough.set_device(device);
+        }
     }
 
     /// A volatile mount poisoned by a lost write refuses everything with EIO.
@@ -289,8 +347,12 @@ impl OverlayFs {
     }
 
     /// Bounds WRITE requests to what the transport carries (the relay's buffers).
-    pub fn limit_max_write(&mut self, max_write: u32) {
-        self.settings.max_write = Some(max_write);
+    pub fn limit_max_write(&self, max_write: u32) {
+        self.max_write_limit.store(max_write, Ordering::Release);
+    }
+
+    fn kills_privileges(&self) -> bool {
+        self.kills_privileges.load(Ordering::Acquire)
     }
 
     /// A handle on the upper layer's root, if there is an upper layer.
@@ -359,14 +421,25 @@ impl OverlayFs {
         self.remember(&dir, name, resolved)
     }
 
-    /// Open flags for a regular file: no FLUSH on close (ours does nothing: close never
-    /// reports errors), and the page cache kept across opens when caching is on.
-    fn file_open_flags(&self) -> FopenFlags {
-        if self.settings.cache {
+    /// Open flags for a regular file served through us: no FLUSH on close (ours does
+    /// nothing: close never reports errors), and the page cache kept across opens when
+    /// caching is on — except for an upper file while passthrough is on, whose writes
+    /// through earlier passthrough opens went around the page cache.
+    fn file_open_flags(&self, upper: bool) -> FopenFlags {
+        if self.settings.cache && !(upper && self.passthrough.enabled()) {
             FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::FOPEN_NOFLUSH
         }
+    }
+
+    /// How the kernel is to serve a new open `file` of `node`: straight to the upper file
+    /// when passthrough is on and allowed for it (see `passthrough`), else through us.
+    fn io_mode(&self, node: &Node, file: &OwnedFd, upper: bool) -> IoMode {
+        let allowed = upper && self.passthrough.enabled();
+        let object = node.state().obj.clone();
+        self.passthrough
+            .open(node.id, &object, allowed.then(|| file.as_fd()))
     }
 
     /// Registers a kernel lookup of `resolved` (found as `name` in `dir`) and returns the
@@ -385,8 +458,25 @@ impl OverlayFs {
     /// READDIR without an open (the kernel stopped opening directories, see `opendir`):
     /// offset 0 merges the layers anew; a later offset continues the listing last merged
     /// for this directory (or a fresh one: cookies make either correct).
-    fn readdir_unopened(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir_unopened_reply(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+        match self.readdir_unopened(ino.0, offset, |ino, cookie, kind, name| {
+            !reply.add(INodeNo(ino), cookie, kind, name)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// READDIR of a directory the kernel did not open (see `opendir`), into `add` (see
+    /// [`fill_listing`]).
+    pub(crate) fn readdir_unopened(
+        &self,
+        ino: u64,
+        offset: u64,
+        add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
         const KEPT: usize = 32;
+        let ino = INodeNo(ino);
         let recent = match offset {
             0 => None,
             _ => self
@@ -398,12 +488,9 @@ impl OverlayFs {
         };
         let entries = match recent {
             Some(entries) => entries,
-            None => match self.node(ino).and_then(|dir| self.listing(&dir)) {
-                Ok(entries) => Arc::new(entries),
-                Err(e) => return reply.error(e),
-            },
+            None => Arc::new(self.node(ino).and_then(|dir| self.listing(&dir))?),
         };
-        let finished = fill_listing(&mut reply, &entries, offset);
+        let finished = fill_listing(&entries, offset, add);
         let mut recent = self.recent_listings.lock();
         recent.retain(|(id, _)| *id != ino.0);
         if !finished {
@@ -412,8 +499,7 @@ impl OverlayFs {
             }
             recent.push_back((ino.0, entries));
         }
-        drop(recent);
-        reply.ok();
+        Ok(())
     }
 
     fn listing(&self, dir: &Node) -> Result<Vec<readdir::Entry>, Errno> {
@@ -467,14 +553,20 @@ impl OverlayFs {
         file: OwnedFd,
         follows: Option<LowerOpen>,
         writable: bool,
+        io: IoMode,
     ) -> u64 {
         let fh = self.handle();
+        if writable && io != IoMode::Cached {
+            // Its writes never reach us: watch it for as long as it is open.
+            self.health.note_open_writer(&node);
+        }
         let open = OpenFile {
             wb_since: Mutex::new(node.wb_err.sample()),
             node,
             file: RwLock::new(Arc::new(file)),
             follows: Mutex::new(follows),
             writable,
+            io,
         };
         self.files.write().insert(fh, Arc::new(open));
         fh
@@ -542,6 +634,68 @@ impl OverlayFs {
         Ok(known)
     }
 
+    /// How long the kernel may keep entries and attributes.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.settings.ttl
+    }
+
+    /// Whether a request from `pid` for `name` in `parent` is the canary's own lookup,
+    /// which only fuser's path answers.
+    pub(crate) fn is_canary_lookup(&self, parent: u64, name: &OsStr, pid: u32) -> bool {
+        parent == ROOT_ID && self.canary.as_ref().is_some_and(|c| c.is_lookup(name, pid))
+    }
+
+    /// LOOKUP (not of the canary): the entry's attributes and generation.
+    pub(crate) fn lookup_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<(FileAttr, Generation), Errno> {
+        self.gate()?;
+        let known = self.do_lookup(INodeNo(parent), name)?;
+        Ok((known.attr, Generation(known.node.generation())))
+    }
+
+    /// GETATTR (not of the canary).
+    pub(crate) fn getattr_of(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.gate()?;
+        self.node(INodeNo(ino)).and_then(|n| self.attr(&n))
+    }
+
+    /// FORGET: the kernel dropped `nlookup` references to node `ino`.
+    pub(crate) fn forget_node(&self, ino: u64, nlookup: u64) {
+        self.union.inodes.forget(ino, nlookup);
+    }
+
+    pub(crate) fn unlink_entry(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        self.gate()?;
+        let dir = self.node(INodeNo(parent))?;
+        self.union.unlink(&dir, name).map_err(errno)
+    }
+
+    pub(crate) fn rmdir_entry(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        self.gate()?;
+        let dir = self.node(INodeNo(parent))?;
+        self.union.rmdir(&dir, name).map_err(errno)
+    }
+
+    /// RELEASE of file handle `fh` (not the canary's).
+    pub(crate) fn release_file(&self, fh: u64) {
+        let open = self.files.write().remove(&fh);
+        if let Some(open) = open {
+            self.passthrough.release(open.node.id, open.io);
+            if open.writable && open.io != IoMode::Cached {
+                self.health.note_writer_closed(&open.node);
+            }
+        }
+    }
+
+    /// Whether `fh` is a directory stream the kernel opened (volatile mounts open every
+    /// directory; see `opendir`).
+    pub(crate) fn is_open_dir(&self, fh: u64) -> bool {
+        self.dirs.read().contains_key(&fh)
+    }
+
     /// Answers a request that makes or finds an entry.
     fn reply_entry(&self, reply: ReplyEntry, found: Result<Known, Errno>) {
         match found {
@@ -579,13 +733,28 @@ impl fuser::Filesystem for OverlayFs {
         // GETXATTR round trip per write) and leaves clearing set-id bits to us: a WRITE
         // says when (FUSE_WRITE_KILL_SUIDGID); truncation is decided here (fuser does not
         // pass FATTR_KILL_SUIDGID on); chown clears them in the upper filesystem itself.
-        self.kills_privileges = config
+        let killpriv = config
             .add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2)
             .is_ok();
-        if let Some(max_write) = self.settings.max_write
+        self.kills_privileges.store(killpriv, Ordering::Release);
+        let limit = self.max_write_limit.load(Ordering::Acquire);
+        if let Some(max_write) = (limit != 0).then_some(limit).or(self.settings.max_write)
             && let Err(nearest) = config.set_max_write(max_write)
         {
             let _ = config.set_max_write(nearest);
+        }
+        // Passthrough needs a stacking depth of at least 1; exactly 1 keeps the union
+        // usable as a layer of a kernel overlay, and refuses backing files on stacked
+        // filesystems (those opens are then served through us).
+        if self.passthrough.wanted()
+            && config.set_max_stack_depth(1).is_ok()
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+        {
+            self.passthrough.agreed();
+        } else {
+            let _ = config.set_max_stack_depth(0);
         }
         Ok(())
     }
@@ -618,31 +787,25 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 == ROOT_ID
-            && let Some(canary) = &self.canary
-            && canary.is_lookup(name, req.pid())
-        {
+        if self.is_canary_lookup(parent.0, name, req.pid()) {
             // Never cached: the next lookup by anyone else must reach us and get ENOENT.
             return reply.entry(&Duration::ZERO, &self.canary_attr(req), Generation(0));
         }
-        if let Err(e) = self.gate() {
-            return reply.error(e);
+        match self.lookup_entry(parent.0, name) {
+            Ok((attr, generation)) => reply.entry(&self.settings.ttl, &attr, generation),
+            Err(e) => reply.error(e),
         }
-        self.reply_entry(reply, self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.union.inodes.forget(ino.0, nlookup);
+        self.forget_node(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         if ino.0 == CANARY_ID {
             return reply.attr(&Duration::ZERO, &self.canary_attr(req));
         }
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        match self.node(ino).and_then(|n| self.attr(&n)) {
+        match self.getattr_of(ino.0) {
             Ok(attr) => reply.attr(&self.settings.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -699,7 +862,7 @@ impl fuser::Filesystem for OverlayFs {
             // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
             // a non-owner when it would clear a bit, unless the file is open for writing
             // (then it cannot be told from a write's request).
-            if self.kills_privileges
+            if self.kills_privileges()
                 && change.mode.is_none()
                 && (change.size.is_some() || change.is_empty())
                 && let Some(mode) = crate::attrs::setid_bits_dropped(
@@ -792,26 +955,14 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        match self
-            .node(parent)
-            .and_then(|dir| self.union.unlink(&dir, name).map_err(errno))
-        {
+        match self.unlink_entry(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        match self
-            .node(parent)
-            .and_then(|dir| self.union.rmdir(&dir, name).map_err(errno))
-        {
+        match self.rmdir_entry(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -891,21 +1042,37 @@ impl fuser::Filesystem for OverlayFs {
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
             if writing {
                 let file = self.open_for_write(&node, flags.0)?;
-                return Ok(self.register_file(node, file, None, true));
+                let io = self.io_mode(&node, &file, true);
+                return Ok((self.register_file(node, file, None, true, io), io, true));
             }
             let state = node.state();
             let real_flags = real_open_flags(flags.0);
             let file = state.obj.reopen(real_flags).map_err(errno)?;
-            let below_upper = !(self.union.stack.has_upper() && state.layer() == 0);
-            let follows = below_upper.then(|| LowerOpen {
+            let upper = self.union.stack.has_upper() && state.layer() == 0;
+            let follows = (!upper).then(|| LowerOpen {
                 node: node.clone(),
                 source: state.obj.clone(),
                 flags: real_flags,
             });
-            Ok(self.register_file(node, file, follows, false))
+            let io = self.io_mode(&node, &file, upper);
+            Ok((
+                self.register_file(node, file, follows, false, io),
+                io,
+                upper,
+            ))
         });
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), self.file_open_flags()),
+            Ok((fh, IoMode::Cached, upper)) => {
+                reply.opened(FileHandle(fh), self.file_open_flags(upper))
+            }
+            Ok((fh, IoMode::Passthrough(id), _)) => {
+                // SAFETY: `id` is open on this connection and stays open until the release
+                // of every open answered with it (`Passthrough::release`); `into_raw` keeps
+                // fuser from closing it.
+                let backing = unsafe { reply.wrap_backing(id) };
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
+                let _ = backing.into_raw();
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -937,20 +1104,32 @@ impl fuser::Filesystem for OverlayFs {
             node.name_unsynced.store(true, Ordering::Release);
             let generation = Generation(node.generation());
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            Ok((
-                attr,
-                generation,
-                self.register_file(node, file, None, writable),
-            ))
+            let upper = self.union.stack.has_upper();
+            let io = self.io_mode(&node, &file, upper);
+            let fh = self.register_file(node, file, None, writable, io);
+            Ok((attr, generation, fh, io, upper))
         })();
         match result {
-            Ok((attr, generation, fh)) => reply.created(
+            Ok((attr, generation, fh, IoMode::Cached, upper)) => reply.created(
                 &self.settings.ttl,
                 &attr,
                 generation,
                 FileHandle(fh),
-                self.file_open_flags(),
+                self.file_open_flags(upper),
             ),
+            Ok((attr, generation, fh, IoMode::Passthrough(id), _)) => {
+                // SAFETY: as in `open`.
+                let backing = unsafe { reply.wrap_backing(id) };
+                reply.created_passthrough(
+                    &self.settings.ttl,
+                    &attr,
+                    generation,
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    &backing,
+                );
+                let _ = backing.into_raw();
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1007,7 +1186,8 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.open_file(fh).and_then(|open| {
             let f = self.file(fh)?;
-            if self.kills_privileges && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if self.kills_privileges() && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            {
                 self.drop_setid_bits(req, f.as_fd(), crate::attrs::SetidLoss::UnprivilegedWrite)?;
             }
             let n = sys::write_at(f.as_fd(), offset, data).map_err(|e| self.upper_errno(e))?;
@@ -1042,7 +1222,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         if fh.0 != CANARY_FH {
-            self.files.write().remove(&fh.0);
+            self.release_file(fh.0);
         }
         reply.ok();
     }
@@ -1106,7 +1286,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let Some(stream) = self.dirs.read().get(&fh.0).cloned() else {
-            return self.readdir_unopened(ino, offset, reply);
+            return self.readdir_unopened_reply(ino, offset, reply);
         };
         let mut stream = stream.lock();
         if offset == 0 || stream.entries.is_none() {
@@ -1118,7 +1298,7 @@ impl fuser::Filesystem for OverlayFs {
         let Some(entries) = stream.entries.as_deref() else {
             return reply.error(Errno::EIO);
         };
-        fill_listing(&mut reply, entries, offset);
+        fill_reply(&mut reply, entries, offset);
         reply.ok();
     }
 
@@ -1204,7 +1384,7 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let result = self.node(ino).and_then(|node| {
-            xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
+            xattr::check_settable(name, Core::caller(req)).map_err(errno)?;
             let state = self.copy_up(&node, true)?;
             xattr::set(
                 state.obj.fd()?.as_fd(),
@@ -1230,7 +1410,7 @@ impl fuser::Filesystem for OverlayFs {
                 node.state().obj.fd()?.as_fd(),
                 name,
                 self.union.stack.xattr_prefix,
-                Self::caller(req),
+                Core::caller(req),
             )
             .map_err(errno)?
             .ok_or(Errno::NO_XATTR)
@@ -1249,7 +1429,7 @@ impl fuser::Filesystem for OverlayFs {
             xattr::list(
                 node.state().obj.fd()?.as_fd(),
                 self.union.stack.xattr_prefix,
-                Self::caller(req),
+                Core::caller(req),
             )
             .map_err(errno)
         });
@@ -1264,13 +1444,13 @@ impl fuser::Filesystem for OverlayFs {
             return reply.error(e);
         }
         let result = self.node(ino).and_then(|node| {
-            xattr::check_settable(name, Self::caller(req)).map_err(errno)?;
+            xattr::check_settable(name, Core::caller(req)).map_err(errno)?;
             // Removing what is not there must not copy anything up.
             xattr::get(
                 node.state().obj.fd()?.as_fd(),
                 name,
                 self.union.stack.xattr_prefix,
-                Self::caller(req),
+                Core::caller(req),
             )
             .map_err(errno)?
             .ok_or(Errno::NO_XATTR)?;
@@ -1316,7 +1496,7 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.file(fh).and_then(|f| {
             // Changing a file's data or size clears its set-id bits, as a write does.
-            if self.kills_privileges {
+            if self.kills_privileges() {
                 self.drop_setid_bits(req, f.as_fd(), crate::attrs::SetidLoss::Modification)?;
             }
             // SAFETY: valid fd.
@@ -1358,7 +1538,7 @@ impl fuser::Filesystem for OverlayFs {
         }
         let result = self.file(fh_in).and_then(|input| {
             let output = self.file(fh_out)?;
-            if self.kills_privileges {
+            if self.kills_privileges() {
                 self.drop_setid_bits(req, output.as_fd(), crate::attrs::SetidLoss::Modification)?;
             }
             let mut off_in = offset_in as libc::off64_t;

@@ -26,6 +26,7 @@
 //! FUSE_SYNCFS answered after another one found an error also finds it injected. `watch`
 //! is held only to push or take the list.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -107,6 +108,9 @@ pub struct Health {
     scanning: Mutex<()>,
     /// Upper files written through the union that may still have data to write back.
     watch: Mutex<Vec<Watched>>,
+    /// Nodes open for writing through FUSE passthrough, with their number of such opens:
+    /// their writes never reach the daemon, so they stay on the watch list while open.
+    open_writers: Mutex<HashMap<u64, usize>>,
     events: Sender<Event>,
     receiver: Mutex<Option<Receiver<Event>>>,
     /// Told of the poison once (the daemon records it in the status file).
@@ -142,6 +146,7 @@ impl Health {
             sb_check: Mutex::new(()),
             scanning: Mutex::new(()),
             watch: Mutex::new(Vec::new()),
+            open_writers: Mutex::new(HashMap::new()),
             events,
             receiver: Mutex::new(Some(receiver)),
             on_poison: Mutex::new(None),
@@ -214,6 +219,38 @@ impl Health {
             due: Instant::now() + CHECK_INTERVAL,
             every: CHECK_INTERVAL,
         });
+    }
+
+    /// An upper file was opened for writing through passthrough: its writes go straight to
+    /// the upper file, so it is watched until it is closed and then clean.
+    pub fn note_open_writer(&self, node: &Arc<Node>) {
+        if !self.periodic() {
+            return;
+        }
+        *self.open_writers.lock().entry(node.id).or_insert(0) += 1;
+        self.note_written(node);
+    }
+
+    /// One passthrough writer of `node` was closed; its last writes may still be dirty, so
+    /// the file stays watched until a check finds it clean.
+    pub fn note_writer_closed(&self, node: &Arc<Node>) {
+        if !self.periodic() {
+            return;
+        }
+        {
+            let mut writers = self.open_writers.lock();
+            if let Some(count) = writers.get_mut(&node.id) {
+                *count -= 1;
+                if *count == 0 {
+                    writers.remove(&node.id);
+                }
+            }
+        }
+        self.note_written(node);
+    }
+
+    fn has_open_writer(&self, node: &Node) -> bool {
+        self.open_writers.lock().contains_key(&node.id)
     }
 
     /// An upper operation failed with `errno`. EIO, ENOSPC and EDQUOT can mean the upper
@@ -379,7 +416,7 @@ impl Health {
             if let Some(e) = error {
                 found = Some(e);
             }
-            if clean {
+            if clean && !self.has_open_writer(&w.node) {
                 w.node.watched.store(false, Ordering::Release);
                 return false;
             }

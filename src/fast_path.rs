@@ -1,0 +1,119 @@
+//! The requests a fuseblk mount serves on the relay's own threads.
+//!
+//! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
+//! goes through fuser crosses two more threads, which on a small machine costs more than the
+//! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, the FORGETs,
+//! UNLINK, RMDIR, RELEASE, and READDIR of directories the kernel did not open — are decoded
+//! here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
+//! as fuser would encode them. Everything else, and anything that concerns the canary or does
+//! not parse, goes on to the health hook and fuser unchanged.
+//!
+//! Must never: decide anything itself (the union's modules do), answer differently from
+//! fuser's path for the same request, or serve a request that touches the canary (its
+//! injection relies on fuser's adapter).
+
+use std::sync::Arc;
+
+use crate::canary::{CANARY_FH, CANARY_ID};
+use crate::fs::Core;
+use crate::health::RelayHook;
+use crate::relay::{DeferredAnswer, InHeader, LocalAnswer, Served};
+use crate::wire;
+
+const LOOKUP: u32 = 1;
+const FORGET: u32 = 2;
+const GETATTR: u32 = 3;
+const UNLINK: u32 = 10;
+const RMDIR: u32 = 11;
+const RELEASE: u32 = 18;
+const READDIR: u32 = 28;
+const BATCH_FORGET: u32 = 42;
+
+pub struct FastPath {
+    core: Arc<Core>,
+    rest: RelayHook,
+}
+
+impl FastPath {
+    pub fn new(core: Arc<Core>, rest: RelayHook) -> FastPath {
+        FastPath { core, rest }
+    }
+}
+
+/// The relay's answer for a request's result.
+fn served(result: Result<(), fuser::Errno>) -> Option<Served> {
+    Some(Served::Reply(match result {
+        Ok(()) => 0,
+        Err(e) => -e.code(),
+    }))
+}
+
+impl LocalAnswer for FastPath {
+    fn serve(&self, header: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Option<Served> {
+        let core = &self.core;
+        let node = header.nodeid;
+        match header.opcode {
+            LOOKUP => {
+                let name = wire::parse_name(body)?;
+                if core.is_canary_lookup(node, name, header.pid) {
+                    return None;
+                }
+                served(core.lookup_entry(node, name).map(|(attr, generation)| {
+                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
+                }))
+            }
+            GETATTR if node != CANARY_ID => {
+                wire::parse_getattr(body)?;
+                served(
+                    core.getattr_of(node)
+                        .map(|attr| wire::put_attr_out(out, &core.ttl(), &attr)),
+                )
+            }
+            FORGET => {
+                core.forget_node(node, wire::parse_forget(body)?);
+                Some(Served::NoReply)
+            }
+            BATCH_FORGET => {
+                for (node, nlookup) in wire::parse_batch_forget(body)? {
+                    core.forget_node(node, nlookup);
+                }
+                Some(Served::NoReply)
+            }
+            UNLINK => served(core.unlink_entry(node, wire::parse_name(body)?)),
+            RMDIR => served(core.rmdir_entry(node, wire::parse_name(body)?)),
+            RELEASE => {
+                let release = wire::parse_release(body)?;
+                if release.fh == CANARY_FH {
+                    return None;
+                }
+                core.release_file(release.fh);
+                served(Ok(()))
+            }
+            READDIR => {
+                let read = wire::parse_read(body)?;
+                if core.is_open_dir(read.fh) {
+                    return None;
+                }
+                let mut list = wire::DirentList::new(out, read.size);
+                served(
+                    core.readdir_unopened(node, read.offset, |ino, cookie, kind, name| {
+                        list.add_if_fits(ino, cookie, kind, name)
+                    }),
+                )
+            }
+            _ => None,
+        }
+    }
+
+    fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32> {
+        self.rest.answer(opcode, header, body)
+    }
+
+    fn defer(&self, header: &InHeader, body: &[u8]) -> Option<DeferredAnswer> {
+        self.rest.defer(header, body)
+    }
+
+    fn before_destroy(&self) {
+        self.rest.before_destroy()
+    }
+}
