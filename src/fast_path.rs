@@ -3,8 +3,8 @@
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
 //! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, the FORGETs,
-//! UNLINK, RMDIR, RELEASE, and READDIR of directories the kernel did not open — are decoded
-//! here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
+//! CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, and READDIR(PLUS) of directories the kernel did
+//! not open — are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
 //! as fuser would encode them. Everything else, and anything that concerns the canary or does
 //! not parse, goes on to the health hook and fuser unchanged.
 //!
@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::canary::{CANARY_FH, CANARY_ID};
 use crate::fs::Core;
 use crate::health::RelayHook;
+use crate::passthrough::IoMode;
 use crate::relay::{DeferredAnswer, InHeader, LocalAnswer, Served};
 use crate::wire;
 
@@ -26,8 +27,11 @@ const GETATTR: u32 = 3;
 const UNLINK: u32 = 10;
 const RMDIR: u32 = 11;
 const RELEASE: u32 = 18;
+const GETXATTR: u32 = 22;
 const READDIR: u32 = 28;
+const CREATE: u32 = 35;
 const BATCH_FORGET: u32 = 42;
+const READDIRPLUS: u32 = 44;
 
 pub struct FastPath {
     core: Arc<Core>,
@@ -98,6 +102,53 @@ impl LocalAnswer for FastPath {
                 served(
                     core.readdir_unopened(node, read.offset, |ino, cookie, kind, name| {
                         list.add_if_fits(ino, cookie, kind, name)
+                    }),
+                )
+            }
+            CREATE => {
+                let (create, name) = wire::parse_create(body)?;
+                let created = core.create_file(
+                    node,
+                    name,
+                    create.mode,
+                    create.flags as i32,
+                    header.uid,
+                    header.gid,
+                );
+                served(created.map(|c| {
+                    let backing = match c.io {
+                        IoMode::Passthrough(id) => id as i32,
+                        IoMode::Cached => 0,
+                    };
+                    let (ttl, generation) = (core.ttl(), c.generation);
+                    wire::put_create_out(out, &ttl, &c.attr, generation, c.fh, c.flags, backing)
+                }))
+            }
+            GETXATTR if node != CANARY_ID => {
+                let (size, name) = wire::parse_getxattr(body)?;
+                served(core.getxattr_of(node, name, header.uid).and_then(|value| {
+                    if size == 0 {
+                        wire::put_getxattr_out(out, value.len() as u32);
+                    } else if value.len() > size as usize {
+                        return Err(fuser::Errno::ERANGE);
+                    } else {
+                        out.extend_from_slice(&value);
+                    }
+                    Ok(())
+                }))
+            }
+            READDIRPLUS => {
+                let read = wire::parse_read(body)?;
+                let ttl = core.ttl();
+                let mut list = wire::DirentPlusList::new(out, read.size);
+                served(
+                    core.readdirplus_unopened(node, read.offset, |entry| match entry.attr {
+                        Some((attr, generation)) => {
+                            list.add_if_fits(&ttl, attr, generation, entry.cookie, entry.name)
+                        }
+                        None => {
+                            list.add_bare_if_fits(entry.ino, entry.cookie, entry.kind, entry.name)
+                        }
                     }),
                 )
             }

@@ -91,6 +91,27 @@ struct OpenFile {
     io: IoMode,
 }
 
+/// One entry of a READDIRPLUS listing: with the attributes and generation a LOOKUP answers,
+/// or without (`attr` None: the kernel then only lists it).
+#[derive(Clone, Copy)]
+pub(crate) struct PlusEntry<'a> {
+    pub attr: Option<(&'a FileAttr, Generation)>,
+    pub ino: u64,
+    pub cookie: u64,
+    pub kind: FileType,
+    pub name: &'a OsStr,
+}
+
+/// A file CREATE made and opened: what the kernel is told.
+pub(crate) struct Created {
+    pub attr: FileAttr,
+    pub generation: Generation,
+    pub fh: FileHandle,
+    pub io: IoMode,
+    /// The open flags to answer with (FOPEN_PASSTHROUGH included when `io` says so).
+    pub flags: FopenFlags,
+}
+
 /// An entry a request made or found: what the kernel is told, and the node behind it.
 struct Known {
     attr: FileAttr,
@@ -182,6 +203,28 @@ fn file_type(mode: u32) -> FileType {
         libc::S_IFCHR => FileType::CharDevice,
         libc::S_IFBLK => FileType::BlockDevice,
         _ => FileType::RegularFile,
+    }
+}
+
+/// What READDIRPLUS sends for `.` and `..`: only the inode number and type are read (the
+/// kernel takes no reference on them and ignores their attributes).
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 
@@ -475,8 +518,80 @@ impl Core {
         offset: u64,
         add: impl FnMut(u64, u64, FileType, &OsStr) -> bool,
     ) -> Result<(), Errno> {
+        self.with_unopened_listing(ino, offset, |_, entries| fill_listing(entries, offset, add))
+    }
+
+    /// READDIRPLUS of a directory the kernel did not open: each entry with what a LOOKUP of
+    /// it answers, into `add` (the entry; says whether it fitted). Every entry given with
+    /// attributes counts as a lookup, except `.` and `..`, which the kernel never takes a
+    /// reference on. An entry whose lookup fails (a redirect the kernel refuses, an xattr
+    /// whiteout outside an `opaque=x` directory, a name gone since the merge, ...) is listed
+    /// without attributes, exactly as READDIR lists it.
+    pub(crate) fn readdirplus_unopened(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(PlusEntry<'_>) -> bool,
+    ) -> Result<(), Errno> {
+        self.with_unopened_listing(ino, offset, |dir, entries| {
+            let start = readdir::resume_at(entries, offset);
+            for entry in &entries[start..] {
+                let name = entry.name.as_os_str();
+                let bare = PlusEntry {
+                    attr: None,
+                    ino: entry.ino,
+                    cookie: entry.cookie,
+                    kind: file_type(entry.file_type),
+                    name,
+                };
+                if name == "." || name == ".." {
+                    let attr = dot_attr(entry.ino);
+                    let dot = PlusEntry {
+                        attr: Some((&attr, Generation(0))),
+                        ..bare
+                    };
+                    if !add(dot) {
+                        return false;
+                    }
+                    continue;
+                }
+                let known = match self.union.resolve(dir, name) {
+                    Ok(Some(resolved)) => self.remember(dir, name, resolved),
+                    Ok(None) => Err(Errno::ENOENT),
+                    Err(e) => Err(errno(e)),
+                };
+                let Ok(known) = known else {
+                    if !add(bare) {
+                        return false;
+                    }
+                    continue;
+                };
+                let generation = Generation(known.node.generation());
+                let full = PlusEntry {
+                    attr: Some((&known.attr, generation)),
+                    ..bare
+                };
+                if !add(full) {
+                    // Not sent: the kernel never counted it.
+                    self.union.inodes.forget(known.node.id, 1);
+                    return false;
+                }
+            }
+            true
+        })
+    }
+
+    /// Runs `fill` over the listing of directory `ino` for a reader at `offset` (see
+    /// `readdir_unopened`); `fill` says whether it gave the listing to its end.
+    fn with_unopened_listing(
+        &self,
+        ino: u64,
+        offset: u64,
+        fill: impl FnOnce(&Node, &[readdir::Entry]) -> bool,
+    ) -> Result<(), Errno> {
         const KEPT: usize = 32;
         let ino = INodeNo(ino);
+        let dir = self.node(ino)?;
         let recent = match offset {
             0 => None,
             _ => self
@@ -488,9 +603,9 @@ impl Core {
         };
         let entries = match recent {
             Some(entries) => entries,
-            None => Arc::new(self.node(ino).and_then(|dir| self.listing(&dir))?),
+            None => Arc::new(self.listing(&dir)?),
         };
-        let finished = fill_listing(&entries, offset, add);
+        let finished = fill(&dir, &entries);
         let mut recent = self.recent_listings.lock();
         recent.retain(|(id, _)| *id != ino.0);
         if !finished {
@@ -627,7 +742,7 @@ impl Core {
         let dir = self.node(parent)?;
         let resolved = self
             .union
-            .create(&dir, name, what, mode, self.creator(req))
+            .create(&dir, name, what, mode, self.creator(req.uid(), req.gid()))
             .map_err(errno)?;
         let known = self.remember(&dir, name, resolved)?;
         known.node.name_unsynced.store(true, Ordering::Release);
@@ -690,6 +805,60 @@ impl Core {
         }
     }
 
+    /// CREATE by the caller `uid`/`gid`: the new file, made and opened.
+    pub(crate) fn create_file(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Created, Errno> {
+        self.gate()?;
+        let dir = self.node(INodeNo(parent))?;
+        let resolved = self
+            .union
+            .create(&dir, name, NewObject::File, mode, self.creator(uid, gid))
+            .map_err(errno)?;
+        let file = resolved
+            .obj
+            .reopen(real_open_flags(flags) & !libc::O_TRUNC)
+            .map_err(errno)?;
+        let Known { attr, node } = self.remember(&dir, name, resolved)?;
+        node.name_unsynced.store(true, Ordering::Release);
+        let generation = Generation(node.generation());
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let upper = self.union.stack.has_upper();
+        let io = self.io_mode(&node, &file, upper);
+        let fh = self.register_file(node, file, None, writable, io);
+        let flags = match io {
+            IoMode::Cached => self.file_open_flags(upper),
+            IoMode::Passthrough(_) => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_PASSTHROUGH,
+        };
+        Ok(Created {
+            attr,
+            generation,
+            fh: FileHandle(fh),
+            io,
+            flags,
+        })
+    }
+
+    /// GETXATTR by the caller `uid`: the attribute's value.
+    pub(crate) fn getxattr_of(&self, ino: u64, name: &OsStr, uid: u32) -> Result<Vec<u8>, Errno> {
+        self.gate()?;
+        let node = self.node(INodeNo(ino))?;
+        xattr::get(
+            node.state().obj.fd()?.as_fd(),
+            name,
+            self.union.stack.xattr_prefix,
+            Caller { uid },
+        )
+        .map_err(errno)?
+        .ok_or(Errno::NO_XATTR)
+    }
+
     /// Whether `fh` is a directory stream the kernel opened (volatile mounts open every
     /// directory; see `opendir`).
     pub(crate) fn is_open_dir(&self, fh: u64) -> bool {
@@ -710,15 +879,11 @@ impl Core {
 
     /// The owner a new object gets: the caller's ids as the layers store them (a caller
     /// outside every mapping creates overflow-owned objects, as in a user namespace).
-    fn creator(&self, req: &Request) -> Creator {
+    fn creator(&self, uid: u32, gid: u32) -> Creator {
         let ids = &self.settings.ids;
         Creator {
-            uid: ids
-                .stored_uid(req.uid())
-                .unwrap_or(crate::idmap::OVERFLOW_ID),
-            gid: ids
-                .stored_gid(req.gid())
-                .unwrap_or(crate::idmap::OVERFLOW_ID),
+            uid: ids.stored_uid(uid).unwrap_or(crate::idmap::OVERFLOW_ID),
+            gid: ids.stored_gid(gid).unwrap_or(crate::idmap::OVERFLOW_ID),
         }
     }
 
@@ -742,6 +907,15 @@ impl fuser::Filesystem for OverlayFs {
             && let Err(nearest) = config.set_max_write(max_write)
         {
             let _ = config.set_max_write(nearest);
+        }
+        // READDIRPLUS: a listing brings each entry's attributes, so a walk that stats what it
+        // lists (find, ls -l, git, python's imports) sends no LOOKUP per entry. AUTO lets
+        // the kernel use it only for a directory's first chunk and where lookups follow.
+        // Only where directories are not opened (see `opendir`).
+        if self.settings.cache {
+            let _ = config.add_capabilities(
+                fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
         }
         // Passthrough needs a stacking depth of at least 1; exactly 1 keeps the union
         // usable as a layer of a kernel overlay, and refuses backing files on stacked
@@ -1087,45 +1261,29 @@ impl fuser::Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = (|| {
-            let dir = self.node(parent)?;
-            let resolved = self
-                .union
-                .create(&dir, name, NewObject::File, mode, self.creator(req))
-                .map_err(errno)?;
-            let file = resolved
-                .obj
-                .reopen(real_open_flags(flags) & !libc::O_TRUNC)
-                .map_err(errno)?;
-            let Known { attr, node } = self.remember(&dir, name, resolved)?;
-            node.name_unsynced.store(true, Ordering::Release);
-            let generation = Generation(node.generation());
-            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            let upper = self.union.stack.has_upper();
-            let io = self.io_mode(&node, &file, upper);
-            let fh = self.register_file(node, file, None, writable, io);
-            Ok((attr, generation, fh, io, upper))
-        })();
-        match result {
-            Ok((attr, generation, fh, IoMode::Cached, upper)) => reply.created(
-                &self.settings.ttl,
-                &attr,
+        match self.create_file(parent.0, name, mode, flags, req.uid(), req.gid()) {
+            Ok(Created {
+                attr,
                 generation,
-                FileHandle(fh),
-                self.file_open_flags(upper),
-            ),
-            Ok((attr, generation, fh, IoMode::Passthrough(id), _)) => {
+                fh,
+                io: IoMode::Cached,
+                flags,
+            }) => reply.created(&self.settings.ttl, &attr, generation, fh, flags),
+            Ok(Created {
+                attr,
+                generation,
+                fh,
+                io: IoMode::Passthrough(id),
+                flags,
+            }) => {
                 // SAFETY: as in `open`.
                 let backing = unsafe { reply.wrap_backing(id) };
                 reply.created_passthrough(
                     &self.settings.ttl,
                     &attr,
                     generation,
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_NOFLUSH,
+                    fh,
+                    flags,
                     &backing,
                 );
                 let _ = backing.into_raw();
@@ -1302,6 +1460,44 @@ impl fuser::Filesystem for OverlayFs {
         reply.ok();
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        if let Err(e) = self.gate() {
+            return reply.error(e);
+        }
+        // Asked for only where OPENDIR is not (see `init`): the listing is the unopened one.
+        let ttl = self.settings.ttl;
+        let result = self.readdirplus_unopened(ino.0, offset, |entry| match entry.attr {
+            Some((attr, generation)) => {
+                !reply.add(attr.ino, entry.cookie, entry.name, &ttl, attr, generation)
+            }
+            // fuser has no way to send node id 0 with a real d_ino: such an entry (one
+            // whose lookup fails) is listed with d_ino 0 on plain fuse.
+            None => {
+                let mut attr = dot_attr(0);
+                attr.kind = entry.kind;
+                !reply.add(
+                    INodeNo(0),
+                    entry.cookie,
+                    entry.name,
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                )
+            }
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -1405,17 +1601,7 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        let result = self.node(ino).and_then(|node| {
-            xattr::get(
-                node.state().obj.fd()?.as_fd(),
-                name,
-                self.union.stack.xattr_prefix,
-                Core::caller(req),
-            )
-            .map_err(errno)?
-            .ok_or(Errno::NO_XATTR)
-        });
-        match result {
+        match self.getxattr_of(ino.0, name, req.uid()) {
             Ok(value) => reply_sized(reply, size, &value),
             Err(e) => reply.error(e),
         }

@@ -37,6 +37,8 @@ pub const DIRENT_HEADER_LEN: usize = 24;
 const BATCH_FORGET_IN_LEN: usize = 8;
 const FORGET_ONE_LEN: usize = 16;
 const CREATE_IN_LEN: usize = 16;
+/// `struct fuse_getxattr_in`: size, padding.
+const GETXATTR_IN_LEN: usize = 8;
 const READ_IN_LEN: usize = 40;
 const WRITE_IN_LEN: usize = 40;
 
@@ -335,7 +337,8 @@ pub fn put_open_out(out: &mut Vec<u8>, fh: FileHandle, flags: FopenFlags, backin
 }
 
 /// Appends the reply to CREATE, `fuse_entry_out` then `fuse_open_out`: what
-/// `ReplyCreate::created(ttl, attr, generation, fh, flags)` sends.
+/// `ReplyCreate::created(ttl, attr, generation, fh, flags)` sends (`backing_id` 0), or
+/// `created_passthrough` (FOPEN_PASSTHROUGH in `flags` and its backing id).
 pub fn put_create_out(
     out: &mut Vec<u8>,
     ttl: &Duration,
@@ -343,10 +346,26 @@ pub fn put_create_out(
     generation: Generation,
     fh: FileHandle,
     flags: FopenFlags,
+    backing_id: i32,
 ) {
     out.reserve(CREATE_OUT_LEN);
     put_entry_out(out, ttl, attr, generation);
-    put_open_out(out, fh, flags, 0);
+    put_open_out(out, fh, flags, backing_id);
+}
+
+/// The body of FUSE_GETXATTR: the caller's buffer size (0: it asks for the size) and the
+/// attribute's name.
+pub fn parse_getxattr(body: &[u8]) -> Option<(u32, &OsStr)> {
+    let size = u32_at(body, 0)?;
+    let name = c_name(body.get(GETXATTR_IN_LEN..)?)?;
+    Some((size, name))
+}
+
+/// Appends `struct fuse_getxattr_out`, the reply to a GETXATTR of size 0: what
+/// `ReplyXattr::size(size)` sends.
+pub fn put_getxattr_out(out: &mut Vec<u8>, size: u32) {
+    put_u32(out, size);
+    put_u32(out, 0);
 }
 
 /// Appends `struct fuse_write_out`, the reply to WRITE: what `ReplyWrite::written(size)`
@@ -409,6 +428,88 @@ impl<'a> DirentList<'a> {
     /// Whether no entry was added (an empty reply means end of directory).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The payload of a READDIRPLUS reply: `fuse_direntplus` records (`fuse_entry_out`, then
+/// `fuse_dirent` and the name padded to 8 bytes), never more in total than the request's
+/// `size`; what fuser's `ReplyDirectoryPlus::add(ino, offset, name, ttl, attr, generation)`
+/// sends (node id and `d_ino` are `attr.ino`, `d_type` comes from the mode it sends).
+#[derive(Debug)]
+pub struct DirentPlusList<'a> {
+    out: &'a mut Vec<u8>,
+    start: usize,
+    limit: usize,
+}
+
+impl<'a> DirentPlusList<'a> {
+    /// A listing appended to `out`, for a READDIRPLUS whose `fuse_read_in.size` is `size`.
+    pub fn new(out: &'a mut Vec<u8>, size: u32) -> DirentPlusList<'a> {
+        let start = out.len();
+        DirentPlusList {
+            out,
+            start,
+            limit: size as usize,
+        }
+    }
+
+    /// Appends one entry if it fits and returns whether it did (`false`: nothing added,
+    /// the reply is full).
+    pub fn add_if_fits(
+        &mut self,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        offset: u64,
+        name: &OsStr,
+    ) -> bool {
+        // fuser takes the type from the whole mode, perm included, as sent in `attr`.
+        let dtype = (type_bits(attr.kind) | u32::from(attr.perm)) >> 12;
+        self.push(attr.ino.0, offset, dtype, name, |out| {
+            put_entry_out(out, ttl, attr, generation)
+        })
+    }
+
+    /// Appends one entry without attributes (node id 0: the kernel lists it and looks it up
+    /// only when asked), if it fits; returns whether it did.
+    pub fn add_bare_if_fits(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        kind: FileType,
+        name: &OsStr,
+    ) -> bool {
+        self.push(ino, offset, dirent_type(kind), name, |out| {
+            out.resize(out.len() + ENTRY_OUT_LEN, 0)
+        })
+    }
+
+    fn push(
+        &mut self,
+        ino: u64,
+        offset: u64,
+        dtype: u32,
+        name: &OsStr,
+        entry_out: impl FnOnce(&mut Vec<u8>),
+    ) -> bool {
+        let name = name.as_bytes();
+        let Ok(namelen) = u32::try_from(name.len()) else {
+            return false;
+        };
+        let unpadded = ENTRY_OUT_LEN + DIRENT_HEADER_LEN + name.len();
+        let padded = unpadded.next_multiple_of(8);
+        if self.out.len() - self.start + padded > self.limit {
+            return false;
+        }
+        self.out.reserve(padded);
+        entry_out(self.out);
+        put_u64(self.out, ino);
+        put_u64(self.out, offset);
+        put_u32(self.out, namelen);
+        put_u32(self.out, dtype);
+        self.out.extend_from_slice(name);
+        self.out.resize(self.out.len() + (padded - unpadded), 0);
+        true
     }
 }
 
@@ -621,6 +722,7 @@ mod tests {
             Generation(4),
             FileHandle(77),
             flags,
+            5,
         );
         assert_eq!(out.len(), CREATE_OUT_LEN);
         let mut entry = Vec::new();
@@ -628,7 +730,7 @@ mod tests {
         assert_eq!(&out[..ENTRY_OUT_LEN], &entry[..]);
         assert_eq!(u64_of(&out, 128), 77);
         assert_eq!(u32_of(&out, 136), flags.bits());
-        assert_eq!(u32_of(&out, 140), 0, "no backing id");
+        assert_eq!(u32_of(&out, 140), 5, "the backing id");
 
         out.clear();
         put_write_out(&mut out, 65536);
@@ -965,6 +1067,23 @@ mod tests {
                 }
                 reply.ok();
             }
+
+            fn readdirplus(
+                &self,
+                _req: &Request,
+                _ino: INodeNo,
+                _fh: FileHandle,
+                _offset: u64,
+                mut reply: fuser::ReplyDirectoryPlus,
+            ) {
+                for (i, a) in self.attrs.iter().enumerate() {
+                    let name = format!("plus-{}", "y".repeat(i));
+                    if reply.add(a.ino, i as u64 + 7, name, &TTL, a, GENERATION) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
         }
 
         /// What our encoders must produce for the same requests.
@@ -988,7 +1107,7 @@ mod tests {
 
         pub fn expected_create(attr: &FileAttr) -> Vec<u8> {
             let mut out = Vec::new();
-            put_create_out(&mut out, &TTL, attr, GENERATION, FH, flags());
+            put_create_out(&mut out, &TTL, attr, GENERATION, FH, flags(), 0);
             out
         }
 
@@ -998,6 +1117,18 @@ mod tests {
             for (i, a) in attrs.iter().enumerate() {
                 let name = format!("entry-{}", "x".repeat(i));
                 if !list.add_if_fits(a.ino.0, i as u64 + 1, a.kind, OsStr::new(&name)) {
+                    break;
+                }
+            }
+            out
+        }
+
+        pub fn expected_readdirplus(attrs: &[FileAttr], size: u32) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut list = DirentPlusList::new(&mut out, size);
+            for (i, a) in attrs.iter().enumerate() {
+                let name = format!("plus-{}", "y".repeat(i));
+                if !list.add_if_fits(&TTL, a, GENERATION, i as u64 + 7, OsStr::new(&name)) {
                     break;
                 }
             }
@@ -1196,7 +1327,7 @@ mod tests {
         assert_eq!(kernel.payload(u), written, "WRITE");
 
         // Sizes that cut the listing at different places, including mid-entry.
-        for size in [4096u32, 0, 31, 32, 33, 100, 200] {
+        for size in [4096u32, 0, 31, 32, 33, 100, 200, 152, 160, 320, 500] {
             let mut read_in = vec![0u8; 40];
             read_in[16..20].copy_from_slice(&size.to_ne_bytes());
             let u = kernel.send(28, 1, &read_in);
@@ -1204,6 +1335,12 @@ mod tests {
                 kernel.payload(u),
                 expected_readdir(&attrs, size),
                 "READDIR size {size}"
+            );
+            let u = kernel.send(44, 1, &read_in);
+            assert_eq!(
+                kernel.payload(u),
+                expected_readdirplus(&attrs, size),
+                "READDIRPLUS size {size}"
             );
         }
 
