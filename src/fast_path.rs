@@ -3,8 +3,8 @@
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
 //! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, the FORGETs,
-//! CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, and READDIR(PLUS) of directories the kernel did
-//! not open — are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
+//! CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel did not
+//! open — and READ (lower files are read through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
 //! as fuser would encode them. Everything else, and anything that concerns the canary or does
 //! not parse, goes on to the health hook and fuser unchanged.
 //!
@@ -24,6 +24,7 @@ use crate::wire;
 const LOOKUP: u32 = 1;
 const FORGET: u32 = 2;
 const GETATTR: u32 = 3;
+const READ: u32 = 15;
 const UNLINK: u32 = 10;
 const RMDIR: u32 = 11;
 const RELEASE: u32 = 18;
@@ -104,6 +105,13 @@ impl LocalAnswer for FastPath {
                         list.add_if_fits(ino, cookie, kind, name)
                     }),
                 )
+            }
+            READ => {
+                let read = wire::parse_read(body)?;
+                if read.fh == CANARY_FH {
+                    return None;
+                }
+                served(core.read_file(read.fh, read.offset, read.size, out))
             }
             CREATE => {
                 let (create, name) = wire::parse_create(body)?;

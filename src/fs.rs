@@ -805,6 +805,19 @@ impl Core {
         }
     }
 
+    /// READ of file handle `fh` (not the canary's), appended to `data`.
+    pub(crate) fn read_file(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        data: &mut Vec<u8>,
+    ) -> Result<(), Errno> {
+        self.gate()?;
+        let file = self.file(FileHandle(fh))?;
+        sys::read_at_into(file.as_fd(), offset, size as usize, data).map_err(errno)
+    }
+
     /// CREATE by the caller `uid`/`gid`: the new file, made and opened.
     pub(crate) fn create_file(
         &self,
@@ -1307,14 +1320,9 @@ impl fuser::Filesystem for OverlayFs {
             let len = CANARY_SIZE.saturating_sub(offset).min(u64::from(size));
             return reply.data(&vec![0u8; len as usize]);
         }
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = self
-            .file(fh)
-            .and_then(|f| sys::read_at(f.as_fd(), offset, size as usize).map_err(errno));
-        match result {
-            Ok(data) => reply.data(&data),
+        let mut data = Vec::new();
+        match self.read_file(fh.0, offset, size, &mut data) {
+            Ok(()) => reply.data(&data),
             Err(e) => reply.error(e),
         }
     }

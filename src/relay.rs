@@ -880,7 +880,7 @@ fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
-fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
     let rc = unsafe {
@@ -995,11 +995,10 @@ fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+/// Runs a system call returning a byte count until it is not interrupted.
+fn retrying_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
-        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        match usize::try_from(n) {
+        match usize::try_from(call()) {
             Ok(n) => return Ok(n),
             Err(_) => {
                 let e = io::Error::last_os_error();
@@ -1009,6 +1008,11 @@ fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
             }
         }
     }
+}
+
+fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+    retrying_eintr(|| unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
 }
 
 /// Write a reply made of `header` and `payload` with one writev: the kernel takes a
@@ -1027,19 +1031,10 @@ fn write_reply(fd: BorrowedFd<'_>, header: &[u8], payload: &[u8]) -> io::Result<
             iov_len: payload.len(),
         },
     ];
-    loop {
-        // SAFETY: both iovecs describe live buffers, which writev only reads.
-        let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        match usize::try_from(n) {
-            Ok(n) => return Ok(n),
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    return Err(e);
-                }
-            }
-        }
-    }
+    // SAFETY: both iovecs describe live buffers, which writev only reads.
+    retrying_eintr(|| unsafe {
+        libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int)
+    })
 }
 
 /// Send one seqpacket message. MSG_NOSIGNAL: a closed peer must be an EPIPE

@@ -285,19 +285,29 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<RawDirEntry>> {
     Ok(out)
 }
 
-/// `pread` that retries on EINTR and reads until `size` bytes or end of file.
-pub fn read_at(fd: BorrowedFd<'_>, offset: u64, size: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; size];
+/// Appends up to `size` bytes read at `offset` to `buf`: `pread` until `size` bytes or end
+/// of file, retried on EINTR.
+pub fn read_at_into(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: usize,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let start = buf.len();
+    buf.resize(start + size, 0);
     let mut done = 0;
     while done < size {
-        let n = pread(fd, &mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            break;
+        match pread(fd, &mut buf[start + done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e);
+            }
         }
-        done += n;
     }
-    buf.truncate(done);
-    Ok(buf)
+    buf.truncate(start + done);
+    Ok(())
 }
 
 /// Raw descriptor of a borrowed fd, for log lines.

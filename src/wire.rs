@@ -982,7 +982,7 @@ mod tests {
         //! kernel: the replies it writes are the reference for our encoders.
 
         use super::*;
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::fd::{AsRawFd, OwnedFd};
 
         use fuser::{
             Filesystem, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyDirectory, ReplyEntry,
@@ -1142,19 +1142,7 @@ mod tests {
         }
 
         pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-            let mut fds = [0 as libc::c_int; 2];
-            // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-            let rc = unsafe {
-                libc::socketpair(
-                    libc::AF_UNIX,
-                    libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                    0,
-                    fds.as_mut_ptr(),
-                )
-            };
-            assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
-            // SAFETY: both descriptors were just created and are owned by nobody else.
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+            crate::relay::seqpacket_pair().unwrap()
         }
 
         impl Kernel {
