@@ -65,6 +65,12 @@ impl Canary {
         allowed != 0 && allowed as u32 == pid && name == self.name.as_os_str()
     }
 
+    /// Whether `name` (in the root) is the canary's: a failed lookup of it by anyone else
+    /// must not leave a cached negative entry, which would hide it from the injector.
+    pub fn is_name(&self, name: &OsStr) -> bool {
+        name == self.name.as_os_str()
+    }
+
     /// What a WRITE to the canary answers: `Some(errno)` while an injection is running.
     pub fn write_error(&self) -> Option<i32> {
         match self.pending.load(Ordering::Acquire) {

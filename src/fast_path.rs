@@ -63,9 +63,18 @@ impl LocalAnswer for FastPath {
                 if core.is_canary_lookup(node, name, header.pid) {
                     return None;
                 }
-                served(core.lookup_entry(node, name).map(|(attr, generation)| {
-                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
-                }))
+                served(match core.lookup_entry(node, name) {
+                    Ok((attr, generation)) => {
+                        wire::put_entry_out(out, &core.ttl(), &attr, generation);
+                        Ok(())
+                    }
+                    Err(fuser::Errno::ENOENT) if let Some(ttl) = core.negative_ttl(node, name) => {
+                        let attr = crate::fs::no_entry_attr();
+                        wire::put_entry_out(out, &ttl, &attr, fuser::Generation(0));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                })
             }
             GETATTR if node != CANARY_ID => {
                 wire::parse_getattr(body)?;

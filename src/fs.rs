@@ -206,6 +206,13 @@ fn file_type(mode: u32) -> FileType {
     }
 }
 
+/// The attributes of a negative entry: all zero, node id 0 included.
+pub(crate) fn no_entry_attr() -> FileAttr {
+    let mut attr = dot_attr(0);
+    attr.kind = FileType::RegularFile;
+    attr
+}
+
 /// What READDIRPLUS sends for `.` and `..`: only the inode number and type are read (the
 /// kernel takes no reference on them and ignores their attributes).
 fn dot_attr(ino: u64) -> FileAttr {
@@ -760,6 +767,15 @@ impl Core {
         parent == ROOT_ID && self.canary.as_ref().is_some_and(|c| c.is_lookup(name, pid))
     }
 
+    /// How long the kernel may remember that `name` in `parent` does not exist, when a
+    /// LOOKUP finds nothing: as long as it keeps entries (names only appear through the
+    /// union, which tells the kernel), except on volatile mounts (kept caches hide a
+    /// poisoned mount's refusals) and for the canary's name (the injector must reach us).
+    pub(crate) fn negative_ttl(&self, parent: u64, name: &OsStr) -> Option<Duration> {
+        let canary = parent == ROOT_ID && self.canary.as_ref().is_some_and(|c| c.is_name(name));
+        (self.settings.cache && !canary).then_some(self.settings.ttl)
+    }
+
     /// LOOKUP (not of the canary): the entry's attributes and generation.
     pub(crate) fn lookup_entry(
         &self,
@@ -980,6 +996,10 @@ impl fuser::Filesystem for OverlayFs {
         }
         match self.lookup_entry(parent.0, name) {
             Ok((attr, generation)) => reply.entry(&self.settings.ttl, &attr, generation),
+            Err(Errno::ENOENT) if let Some(ttl) = self.negative_ttl(parent.0, name) => {
+                // Node id 0 (fuser sends `attr.ino`): a negative entry the kernel keeps.
+                reply.entry(&ttl, &no_entry_attr(), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
