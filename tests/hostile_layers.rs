@@ -248,6 +248,14 @@ impl Verdict {
 
 /// Paths on the disk filesystem a daemon may use besides its layers: its registry, and
 /// the time zone file glibc's syslog reads.
+/// Whether `path` is in the temp dir's entry whose name starts with `staging`.
+fn is_source_staging(path: &Path, staging: &str) -> bool {
+    path.strip_prefix(std::env::temp_dir())
+        .ok()
+        .and_then(|rest| rest.components().next())
+        .is_some_and(|first| first.as_os_str().to_string_lossy().starts_with(staging))
+}
+
 fn system_allowed() -> Vec<PathBuf> {
     vec![
         PathBuf::from("/run/ovlfuse"),
@@ -315,7 +323,17 @@ impl Outside {
         // Late closes (FUSE RELEASE is asynchronous) have a moment to arrive.
         std::thread::sleep(Duration::from_millis(100));
         self.watch.sync();
-        let events = self.watch.events_of(pid);
+        // Mounting names the fuseblk source through a device node in a private directory of
+        // the temp dir (`loopdev::with_source_named`), made and removed before the mount
+        // returns: usually over before the watch tracks the daemon, but the watch may take
+        // the events in late. It is the daemon's own, not a path any layer leads to.
+        let staging = format!(".ovlfuse-source-{pid}-");
+        let events: Vec<_> = self
+            .watch
+            .events_of(pid)
+            .into_iter()
+            .filter(|e| !is_source_staging(&e.path, &staging))
+            .collect();
         let mut roots = allowed.to_vec();
         roots.extend(system_allowed());
         let fs_outside = canary_watch::outside(&events, &roots);
