@@ -138,7 +138,7 @@ impl Union {
         let upper_parent = self.upper_dir(&parent)?;
         let name = sys::component(&state.name)?;
         let from = sys::stat_fd(state.obj.fd()?.as_fd())?;
-        let fd = copy_up::copy_up(
+        let copied = copy_up::copy_up(
             state.obj.fd()?.as_fd(),
             self.stack.work()?,
             upper_parent.as_fd(),
@@ -148,7 +148,17 @@ impl Union {
                 with_data,
                 durable: self.durable,
             },
-        )?;
+        );
+        let fd = match copied {
+            // The name holds another object now: a rename or create replaced this node's
+            // object there after the caller looked it up. The node has no name left in the
+            // union, as if it had been unlinked: ENOENT, what the caller gets when the
+            // replacement comes first.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            other => other?,
+        };
         let to = sys::stat_fd(fd.as_fd())?;
         let obj = self.stack.adopt(0, fd);
         let merged = if node.is_dir() {
