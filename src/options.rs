@@ -357,7 +357,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt(
         "nofuseblk",
         None,
-        "always mount as plain fuse: faster metadata operations (no relay), but syncfs(2) on the union does not flush the upper layer (`ovlfuse sync` does)",
+        "always mount as plain fuse (no relay: slightly faster metadata operations), but syncfs(2) on the union does not flush the upper layer (`ovlfuse sync` does)",
         Key::Fuseblk(false),
     ),
     // FUSE and mount options.
