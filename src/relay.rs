@@ -966,7 +966,7 @@ fn socket_buffer(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<usize> {
     usize::try_from(value).map_err(io::Error::other)
 }
 
-fn set_receive_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+pub(crate) fn set_receive_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,

@@ -1147,21 +1147,11 @@ mod tests {
 
         impl Kernel {
             pub fn new(fd: OwnedFd) -> Kernel {
-                let tv = libc::timeval {
-                    tv_sec: 10,
-                    tv_usec: 0,
-                };
-                // SAFETY: valid timeval for the duration of the call.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVTIMEO,
-                        (&raw const tv).cast(),
-                        size_of::<libc::timeval>() as libc::socklen_t,
-                    )
-                };
-                assert_eq!(rc, 0);
+                crate::relay::set_receive_timeout(
+                    std::os::fd::AsFd::as_fd(&fd),
+                    Duration::from_secs(10),
+                )
+                .unwrap();
                 Kernel { fd, unique: 0 }
             }
 
