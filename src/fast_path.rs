@@ -3,8 +3,9 @@
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
 //! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, the FORGETs,
-//! CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel did not
-//! open — and READ (lower files are read through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
+//! OPEN, CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
+//! did not open, IOCTL (isatty on every opened file) — and READ (lower files are read
+//! through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
 //! as fuser would encode them. Everything else, and anything that concerns the canary or does
 //! not parse, goes on to the health hook and fuser unchanged.
 //!
@@ -27,10 +28,12 @@ const GETATTR: u32 = 3;
 const READ: u32 = 15;
 const UNLINK: u32 = 10;
 const RMDIR: u32 = 11;
+const OPEN: u32 = 14;
 const RELEASE: u32 = 18;
 const GETXATTR: u32 = 22;
 const READDIR: u32 = 28;
 const CREATE: u32 = 35;
+const IOCTL: u32 = 39;
 const BATCH_FORGET: u32 = 42;
 const READDIRPLUS: u32 = 44;
 
@@ -121,6 +124,23 @@ impl LocalAnswer for FastPath {
                     return None;
                 }
                 served(core.read_file(read.fh, read.offset, read.size, out))
+            }
+            OPEN if node != CANARY_ID => {
+                let open = wire::parse_open(body)?;
+                served(core.open_file_of(node, open.flags as i32).map(|o| {
+                    let backing = match o.io {
+                        IoMode::Passthrough(id) => id as i32,
+                        IoMode::Cached => 0,
+                    };
+                    wire::put_open_out(out, o.fh, o.flags, backing)
+                }))
+            }
+            // Every open file is asked isatty(3) (TCGETS) by stdio and Python's open(): no
+            // ioctl but `ovlfuse sync`'s means anything on the union, and that one flushes
+            // the upper layer, which is fuser's to run.
+            IOCTL => {
+                let cmd = wire::parse_ioctl_cmd(body)?;
+                (cmd != crate::health::SYNC_IOCTL).then_some(Served::Reply(-libc::ENOTTY))
             }
             CREATE => {
                 let (create, name) = wire::parse_create(body)?;

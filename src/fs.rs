@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -100,6 +100,14 @@ pub(crate) struct PlusEntry<'a> {
     pub cookie: u64,
     pub kind: FileType,
     pub name: &'a OsStr,
+}
+
+/// A file OPEN opened: what the kernel is told.
+pub(crate) struct Opened {
+    pub fh: FileHandle,
+    pub io: IoMode,
+    /// The open flags to answer with (FOPEN_PASSTHROUGH included when `io` says so).
+    pub flags: FopenFlags,
 }
 
 /// A file CREATE made and opened: what the kernel is told.
@@ -834,6 +842,47 @@ impl Core {
         sys::read_at_into(file.as_fd(), offset, size as usize, data).map_err(errno)
     }
 
+    /// OPEN of node `ino` (not the canary) with the open(2) `flags`.
+    pub(crate) fn open_file_of(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
+        self.gate()?;
+        let node = self.node(INodeNo(ino))?;
+        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let (fh, io, upper) = if writing {
+            let file = self.open_for_write(&node, flags)?;
+            let io = self.io_mode(&node, &file, true);
+            (self.register_file(node, file, None, true, io), io, true)
+        } else {
+            let state = node.state();
+            let real_flags = real_open_flags(flags);
+            let file = state.obj.reopen(real_flags).map_err(errno)?;
+            let upper = self.union.stack.has_upper() && state.layer() == 0;
+            let follows = (!upper).then(|| LowerOpen {
+                node: node.clone(),
+                source: state.obj.clone(),
+                flags: real_flags,
+            });
+            let io = self.io_mode(&node, &file, upper);
+            (
+                self.register_file(node, file, follows, false, io),
+                io,
+                upper,
+            )
+        };
+        Ok(Opened {
+            fh: FileHandle(fh),
+            io,
+            flags: self.open_reply_flags(io, upper),
+        })
+    }
+
+    /// The open flags answering an open served in mode `io` (of an upper file if `upper`).
+    fn open_reply_flags(&self, io: IoMode, upper: bool) -> FopenFlags {
+        match io {
+            IoMode::Cached => self.file_open_flags(upper),
+            IoMode::Passthrough(_) => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_PASSTHROUGH,
+        }
+    }
+
     /// CREATE by the caller `uid`/`gid`: the new file, made and opened.
     pub(crate) fn create_file(
         &self,
@@ -861,10 +910,7 @@ impl Core {
         let upper = self.union.stack.has_upper();
         let io = self.io_mode(&node, &file, upper);
         let fh = self.register_file(node, file, None, writable, io);
-        let flags = match io {
-            IoMode::Cached => self.file_open_flags(upper),
-            IoMode::Passthrough(_) => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_PASSTHROUGH,
-        };
+        let flags = self.open_reply_flags(io, upper);
         Ok(Created {
             attr,
             generation,
@@ -1242,42 +1288,22 @@ impl fuser::Filesystem for OverlayFs {
         if ino.0 == CANARY_ID {
             return reply.opened(FileHandle(CANARY_FH), FopenFlags::empty());
         }
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = self.node(ino).and_then(|node| {
-            let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-            if writing {
-                let file = self.open_for_write(&node, flags.0)?;
-                let io = self.io_mode(&node, &file, true);
-                return Ok((self.register_file(node, file, None, true, io), io, true));
-            }
-            let state = node.state();
-            let real_flags = real_open_flags(flags.0);
-            let file = state.obj.reopen(real_flags).map_err(errno)?;
-            let upper = self.union.stack.has_upper() && state.layer() == 0;
-            let follows = (!upper).then(|| LowerOpen {
-                node: node.clone(),
-                source: state.obj.clone(),
-                flags: real_flags,
-            });
-            let io = self.io_mode(&node, &file, upper);
-            Ok((
-                self.register_file(node, file, follows, false, io),
-                io,
-                upper,
-            ))
-        });
-        match result {
-            Ok((fh, IoMode::Cached, upper)) => {
-                reply.opened(FileHandle(fh), self.file_open_flags(upper))
-            }
-            Ok((fh, IoMode::Passthrough(id), _)) => {
+        match self.open_file_of(ino.0, flags.0) {
+            Ok(Opened {
+                fh,
+                io: IoMode::Cached,
+                flags,
+            }) => reply.opened(fh, flags),
+            Ok(Opened {
+                fh,
+                io: IoMode::Passthrough(id),
+                flags,
+            }) => {
                 // SAFETY: `id` is open on this connection and stays open until the release
                 // of every open answered with it (`Passthrough::release`); `into_raw` keeps
                 // fuser from closing it.
                 let backing = unsafe { reply.wrap_backing(id) };
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
+                reply.opened_passthrough(fh, flags, &backing);
                 let _ = backing.into_raw();
             }
             Err(e) => reply.error(e),

@@ -127,6 +127,11 @@ pub fn parse_open(body: &[u8]) -> Option<OpenIn> {
     })
 }
 
+/// The command of FUSE_IOCTL: `struct fuse_ioctl_in { fh: u64, flags: u32, cmd: u32, ... }`.
+pub fn parse_ioctl_cmd(body: &[u8]) -> Option<u32> {
+    u32_at(body, 12)
+}
+
 /// `struct fuse_create_in`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateIn {
