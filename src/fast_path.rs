@@ -18,7 +18,6 @@ use std::sync::Arc;
 use crate::canary::{CANARY_FH, CANARY_ID};
 use crate::fs::Core;
 use crate::health::RelayHook;
-use crate::passthrough::IoMode;
 use crate::relay::{DeferredAnswer, InHeader, LocalAnswer, Served};
 use crate::wire;
 
@@ -127,13 +126,10 @@ impl LocalAnswer for FastPath {
             }
             OPEN if node != CANARY_ID => {
                 let open = wire::parse_open(body)?;
-                served(core.open_file_of(node, open.flags as i32).map(|o| {
-                    let backing = match o.io {
-                        IoMode::Passthrough(id) => id as i32,
-                        IoMode::Cached => 0,
-                    };
-                    wire::put_open_out(out, o.fh, o.flags, backing)
-                }))
+                served(
+                    core.open_file_of(node, open.flags as i32)
+                        .map(|o| wire::put_open_out(out, o.fh, o.flags, o.io.backing_id())),
+                )
             }
             // Every open file is asked isatty(3) (TCGETS) by stdio and Python's open(): no
             // ioctl but `ovlfuse sync`'s means anything on the union, and that one flushes
@@ -153,12 +149,10 @@ impl LocalAnswer for FastPath {
                     header.gid,
                 );
                 served(created.map(|c| {
-                    let backing = match c.io {
-                        IoMode::Passthrough(id) => id as i32,
-                        IoMode::Cached => 0,
-                    };
-                    let (ttl, generation) = (core.ttl(), c.generation);
-                    wire::put_create_out(out, &ttl, &c.attr, generation, c.fh, c.flags, backing)
+                    let o = c.open;
+                    let backing = o.io.backing_id();
+                    let ttl = core.ttl();
+                    wire::put_create_out(out, &ttl, &c.attr, c.generation, o.fh, o.flags, backing)
                 }))
             }
             GETXATTR if node != CANARY_ID => {

@@ -114,10 +114,7 @@ pub(crate) struct Opened {
 pub(crate) struct Created {
     pub attr: FileAttr,
     pub generation: Generation,
-    pub fh: FileHandle,
-    pub io: IoMode,
-    /// The open flags to answer with (FOPEN_PASSTHROUGH included when `io` says so).
-    pub flags: FopenFlags,
+    pub open: Opened,
 }
 
 /// An entry a request made or found: what the kernel is told, and the node behind it.
@@ -914,9 +911,11 @@ impl Core {
         Ok(Created {
             attr,
             generation,
-            fh: FileHandle(fh),
-            io,
-            flags,
+            open: Opened {
+                fh: FileHandle(fh),
+                io,
+                flags,
+            },
         })
     }
 
@@ -1324,16 +1323,22 @@ impl fuser::Filesystem for OverlayFs {
             Ok(Created {
                 attr,
                 generation,
-                fh,
-                io: IoMode::Cached,
-                flags,
+                open:
+                    Opened {
+                        fh,
+                        io: IoMode::Cached,
+                        flags,
+                    },
             }) => reply.created(&self.settings.ttl, &attr, generation, fh, flags),
             Ok(Created {
                 attr,
                 generation,
-                fh,
-                io: IoMode::Passthrough(id),
-                flags,
+                open:
+                    Opened {
+                        fh,
+                        io: IoMode::Passthrough(id),
+                        flags,
+                    },
             }) => {
                 // SAFETY: as in `open`.
                 let backing = unsafe { reply.wrap_backing(id) };

@@ -46,6 +46,16 @@ pub enum IoMode {
     Passthrough(u32),
 }
 
+impl IoMode {
+    /// The `backing_id` of an open reply in this mode (0: none).
+    pub fn backing_id(self) -> i32 {
+        match self {
+            IoMode::Passthrough(id) => id as i32,
+            IoMode::Cached => 0,
+        }
+    }
+}
+
 /// The opens of one node we answered and have not seen released.
 #[derive(Debug)]
 enum NodeOpens {

@@ -1286,3 +1286,41 @@ fn a_listing_kept_by_the_kernel_shows_every_change_made_through_the_union() {
         assert_eq!(other, sv(&["outgoing"]).into_iter().collect());
     });
 }
+
+/// What the fuseblk relay answers itself and plain fuse answers through fuser: a terminal
+/// ioctl on a file is ENOTTY (isatty is false), and a name that was missing is kept by the
+/// kernel as missing only until the union makes it (negative entries).
+#[test]
+fn isatty_is_enotty_and_missing_names_appear_once_made() {
+    if testing_kernel_instead() {
+        return;
+    }
+    for transport in ["", "nofuseblk"] {
+        let (_s, l) = setup();
+        l.lower(0).write_file("lf", b"lower\n", 0o644);
+        let m = mount_ovlfuse(&l, transport);
+        let r = m.mnt.clone();
+        with_timeout(T, move || {
+            let f = File::open(r.join("lf")).unwrap();
+            // SAFETY: isatty on an open descriptor.
+            let tty = unsafe { libc::isatty(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+            let err = std::io::Error::last_os_error().raw_os_error();
+            assert_eq!((tty, err), (0, Some(libc::ENOTTY)), "[{transport}] isatty");
+            let p = r.join("later");
+            for _ in 0..2 {
+                assert_enoent(&p);
+            }
+            fs::write(&p, b"made\n").unwrap();
+            assert_eq!(
+                read(&p),
+                b"made\n",
+                "[{transport}] a name made after a miss"
+            );
+            fs::remove_file(&p).unwrap();
+            assert_enoent(&p);
+            fs::create_dir(&p).unwrap();
+            assert!(fs::metadata(&p).unwrap().is_dir(), "[{transport}]");
+        });
+        drop(m);
+    }
+}
