@@ -990,7 +990,15 @@ impl fuser::Filesystem for OverlayFs {
             let _ = config.add_capabilities(
                 fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
             );
+            // The kernel keeps each symlink's target: without it every path walked through
+            // a symlink asks READLINK again (a merged-/usr root has them in most paths). A
+            // node id only changes object under a new generation, which the kernel takes
+            // for a new inode, so a kept target is never another object's.
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
         }
+        // Lookups and listings in one directory may run side by side (the kernel otherwise
+        // serialises them per directory); the union takes its own locks.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         // Passthrough needs a stacking depth of at least 1; exactly 1 keeps the union
         // usable as a layer of a kernel overlay, and refuses backing files on stacked
         // filesystems (those opens are then served through us).

@@ -1058,6 +1058,29 @@ scenario!(rename_shadowed_file_and_lower_symlink, base, |o| {
     o.read("ud/lnk");
 });
 
+// The kernel keeps symlink targets (FUSE_CACHE_SYMLINKS): every replacement of a symlink,
+// by rename, by unlink and symlink, or by renaming another over it, must show at once.
+scenario!(replaced_symlinks_show_their_new_targets, base, |o| {
+    o.readlink("lnk");
+    o.readlink("ulnk");
+    o.read("lnk");
+    o.symlink("uo", "tmp_lnk");
+    o.rename("tmp_lnk", "lnk");
+    o.readlink("lnk");
+    o.read("lnk");
+    o.unlink("ulnk");
+    o.symlink("lo", "ulnk");
+    o.readlink("ulnk");
+    o.read("ulnk");
+    o.unlink("lnk");
+    o.symlink("d/lf", "lnk");
+    o.readlink("lnk");
+    o.show("lnk");
+    o.rename("ulnk", "lnk");
+    o.readlink("lnk");
+    o.read("lnk");
+});
+
 scenario!(
     rename_over_existing_lower_upper_and_shadowed_files,
     base,
