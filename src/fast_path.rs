@@ -2,8 +2,8 @@
 //!
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
-//! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, the FORGETs,
-//! OPEN, CREATE, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
+//! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, SETATTR, the FORGETs,
+//! OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
 //! did not open, IOCTL (isatty on every opened file) — and READ (lower files are read
 //! through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
 //! as fuser would encode them. Everything else, and anything that concerns the canary or does
@@ -24,9 +24,14 @@ use crate::wire;
 const LOOKUP: u32 = 1;
 const FORGET: u32 = 2;
 const GETATTR: u32 = 3;
+const SETATTR: u32 = 4;
 const READ: u32 = 15;
+const SYMLINK: u32 = 6;
+const MKDIR: u32 = 9;
 const UNLINK: u32 = 10;
 const RMDIR: u32 = 11;
+const RENAME: u32 = 12;
+const LINK: u32 = 13;
 const OPEN: u32 = 14;
 const RELEASE: u32 = 18;
 const GETXATTR: u32 = 22;
@@ -85,6 +90,15 @@ impl LocalAnswer for FastPath {
                         .map(|attr| wire::put_attr_out(out, &core.ttl(), &attr)),
                 )
             }
+            // utime/chmod/chown/truncate: each may copy up (blocking this thread like an
+            // OPEN for writing does), which is why it is worth the two hops it saves.
+            SETATTR if node != CANARY_ID => {
+                let set = wire::parse_setattr(body)?;
+                served(
+                    core.setattr_of(node, &set, header.uid, header.gid, header.pid)
+                        .map(|attr| wire::put_attr_out(out, &core.ttl(), &attr)),
+                )
+            }
             FORGET => {
                 core.forget_node(node, wire::parse_forget(body)?);
                 Some(Served::NoReply)
@@ -94,6 +108,30 @@ impl LocalAnswer for FastPath {
                     core.forget_node(node, nlookup);
                 }
                 Some(Served::NoReply)
+            }
+            MKDIR => {
+                let (mode, name) = wire::parse_mkdir(body)?;
+                let made = core.mkdir_entry(node, name, mode, header.uid, header.gid);
+                served(made.map(|(attr, generation)| {
+                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
+                }))
+            }
+            SYMLINK => {
+                let (name, target) = wire::parse_symlink(body)?;
+                let made = core.symlink_entry(node, name, target, header.uid, header.gid);
+                served(made.map(|(attr, generation)| {
+                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
+                }))
+            }
+            LINK => {
+                let (old, name) = wire::parse_link(body)?;
+                served(core.link_entry(old, node, name).map(|(attr, generation)| {
+                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
+                }))
+            }
+            RENAME => {
+                let (newdir, name, newname) = wire::parse_rename(body)?;
+                served(core.rename_entry(node, name, newdir, newname, 0))
             }
             UNLINK => served(core.unlink_entry(node, wire::parse_name(body)?)),
             RMDIR => served(core.rmdir_entry(node, wire::parse_name(body)?)),

@@ -123,6 +123,13 @@ struct Known {
     node: Arc<Node>,
 }
 
+impl Known {
+    /// What an entry reply carries.
+    fn entry(&self) -> (FileAttr, Generation) {
+        (self.attr, Generation(self.node.generation()))
+    }
+}
+
 /// The union filesystem as fuser sees it: a handle on the [`Core`], which the relay's fast
 /// path (`fast_path`) shares on a fuseblk mount.
 pub struct OverlayFs {
@@ -700,13 +707,13 @@ impl Core {
     }
 
     /// Who sent `req`, for the set-id rules of `attrs`.
-    fn setid_caller(&self, req: &Request) -> crate::attrs::Caller {
+    fn setid_caller(&self, uid: u32, gid: u32, pid: u32) -> crate::attrs::Caller {
         let ids = &self.settings.ids;
         crate::attrs::Caller {
-            uid: req.uid(),
-            gid: req.gid(),
-            pid: req.pid(),
-            presumed_privileged: req.uid() == 0 || ids.stored_uid(req.uid()) == Some(0),
+            uid,
+            gid,
+            pid,
+            presumed_privileged: uid == 0 || ids.stored_uid(uid) == Some(0),
         }
     }
 
@@ -728,9 +735,12 @@ impl Core {
         why: crate::attrs::SetidLoss,
     ) -> Result<(), Errno> {
         let st = sys::stat_fd(file).map_err(errno)?;
-        if let Some(mode) =
-            crate::attrs::setid_bits_dropped(&st, self.owner_of(&st), self.setid_caller(req), why)
-        {
+        if let Some(mode) = crate::attrs::setid_bits_dropped(
+            &st,
+            self.owner_of(&st),
+            self.setid_caller(req.uid(), req.gid(), req.pid()),
+            why,
+        ) {
             sys::chmod_fd(file, mode).map_err(errno)?;
         }
         Ok(())
@@ -743,22 +753,84 @@ impl Core {
         state.obj.reopen(real_open_flags(flags)).map_err(errno)
     }
 
-    fn create_object(
+    /// MKDIR, SYMLINK and MKNOD by the caller `uid`/`gid`: the new object's entry.
+    fn make_entry(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        parent: u64,
         name: &OsStr,
         what: NewObject<'_>,
         mode: u32,
-    ) -> Result<Known, Errno> {
-        let dir = self.node(parent)?;
+        uid: u32,
+        gid: u32,
+    ) -> Result<(FileAttr, Generation), Errno> {
+        self.gate()?;
+        let dir = self.node(INodeNo(parent))?;
         let resolved = self
             .union
-            .create(&dir, name, what, mode, self.creator(req.uid(), req.gid()))
+            .create(&dir, name, what, mode, self.creator(uid, gid))
             .map_err(errno)?;
         let known = self.remember(&dir, name, resolved)?;
         known.node.name_unsynced.store(true, Ordering::Release);
-        Ok(known)
+        Ok(known.entry())
+    }
+
+    /// MKDIR by the caller `uid`/`gid` (`mode`: the permission bits the kernel sends).
+    pub(crate) fn mkdir_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(FileAttr, Generation), Errno> {
+        self.make_entry(parent, name, NewObject::Dir, libc::S_IFDIR | mode, uid, gid)
+    }
+
+    /// SYMLINK `name` -> `target` by the caller `uid`/`gid`.
+    pub(crate) fn symlink_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(FileAttr, Generation), Errno> {
+        let what = NewObject::Symlink {
+            target: target.as_bytes(),
+        };
+        self.make_entry(parent, name, what, libc::S_IFLNK | 0o777, uid, gid)
+    }
+
+    /// LINK of node `ino` as `newname` in `newparent`: the entry of the new name.
+    pub(crate) fn link_entry(
+        &self,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> Result<(FileAttr, Generation), Errno> {
+        self.gate()?;
+        let node = self.node(INodeNo(ino))?;
+        let dir = self.node(INodeNo(newparent))?;
+        let resolved = self.union.link(&node, &dir, newname).map_err(errno)?;
+        node.name_unsynced.store(true, Ordering::Release);
+        Ok(self.remember(&dir, newname, resolved)?.entry())
+    }
+
+    /// RENAME and RENAME2 (`flags`: RENAME_NOREPLACE, RENAME_EXCHANGE).
+    pub(crate) fn rename_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        self.gate()?;
+        let from = self.node(INodeNo(parent))?;
+        let to = self.node(INodeNo(newparent))?;
+        self.union
+            .rename(&from, name, &to, newname, flags)
+            .map_err(errno)
     }
 
     /// How long the kernel may keep entries and attributes.
@@ -919,6 +991,81 @@ impl Core {
         })
     }
 
+    /// SETATTR (not of the canary) by the caller `uid`/`gid`/`pid`: the attributes after.
+    pub(crate) fn setattr_of(
+        &self,
+        ino: u64,
+        set: &crate::wire::SetattrIn,
+        uid: u32,
+        gid: u32,
+        pid: u32,
+    ) -> Result<FileAttr, Errno> {
+        self.gate()?;
+        self.node(INodeNo(ino)).and_then(|node| {
+            // Only the data up to the new size matters when truncating to zero.
+            let with_data = set.size != Some(0);
+            let ids = &self.settings.ids;
+            let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
+                // An id no mapping covers cannot be stored, as in a user namespace.
+                Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
+                None => Ok(None),
+            };
+            let mut change = crate::attrs::Change {
+                mode: set.mode,
+                uid: stored(set.uid, &|id| ids.stored_uid(id))?,
+                gid: stored(set.gid, &|id| ids.stored_gid(id))?,
+                size: set.size,
+                atime: set.atime.map(time_spec),
+                mtime: set.mtime.map(time_spec),
+            };
+            // Decided on the object as it is, wherever it is: a refusal copies nothing up.
+            let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
+            let caller = self.setid_caller(uid, gid, pid);
+            let file = self.owner_of(&st);
+            // With KILLPRIV_V2 the kernel no longer works out the mode that clears set-id
+            // bits: a truncation, and the empty SETATTR a write sends before writing to a
+            // set-id file, are ours to complete (chown clears them in the upper filesystem
+            // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
+            // a non-owner when it would clear a bit, unless the file is open for writing
+            // (then it cannot be told from a write's request).
+            if self.kills_privileges()
+                && change.mode.is_none()
+                && (change.size.is_some() || change.is_empty())
+                && let Some(mode) = crate::attrs::setid_bits_dropped(
+                    &st,
+                    file,
+                    caller,
+                    if change.is_empty() {
+                        crate::attrs::SetidLoss::Chown
+                    } else {
+                        crate::attrs::SetidLoss::Modification
+                    },
+                )
+            {
+                if change.is_empty()
+                    && caller.uid != file.uid
+                    && !caller.presumed_privileged
+                    && !self.open_for_writing(&node)
+                {
+                    return Err(Errno::EPERM);
+                }
+                change.mode = Some(mode);
+            }
+            crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
+                self.open_for_writing(&node)
+            })
+            .map_err(errno)?;
+            let state = self.copy_up(&node, with_data)?;
+            let open = match set.fh {
+                Some(fh) => self.file(fh).ok(),
+                None => None,
+            };
+            crate::attrs::apply(state.obj.fd()?.as_fd(), open.as_deref(), &change)
+                .map_err(errno)?;
+            self.attr(&node)
+        })
+    }
+
     /// GETXATTR by the caller `uid`: the attribute's value.
     pub(crate) fn getxattr_of(&self, ino: u64, name: &OsStr, uid: u32) -> Result<Vec<u8>, Errno> {
         self.gate()?;
@@ -940,13 +1087,9 @@ impl Core {
     }
 
     /// Answers a request that makes or finds an entry.
-    fn reply_entry(&self, reply: ReplyEntry, found: Result<Known, Errno>) {
+    fn reply_entry(&self, reply: ReplyEntry, found: Result<(FileAttr, Generation), Errno>) {
         match found {
-            Ok(known) => reply.entry(
-                &self.settings.ttl,
-                &known.attr,
-                Generation(known.node.generation()),
-            ),
+            Ok((attr, generation)) => reply.entry(&self.settings.ttl, &attr, generation),
             Err(e) => reply.error(e),
         }
     }
@@ -1092,73 +1235,16 @@ impl fuser::Filesystem for OverlayFs {
         if ino.0 == CANARY_ID {
             return reply.attr(&Duration::ZERO, &self.canary_attr(req));
         }
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = self.node(ino).and_then(|node| {
-            // Only the data up to the new size matters when truncating to zero.
-            let with_data = size != Some(0);
-            let ids = &self.settings.ids;
-            let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
-                // An id no mapping covers cannot be stored, as in a user namespace.
-                Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
-                None => Ok(None),
-            };
-            let mut change = crate::attrs::Change {
-                mode,
-                uid: stored(uid, &|id| ids.stored_uid(id))?,
-                gid: stored(gid, &|id| ids.stored_gid(id))?,
-                size,
-                atime: atime.map(time_spec),
-                mtime: mtime.map(time_spec),
-            };
-            // Decided on the object as it is, wherever it is: a refusal copies nothing up.
-            let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
-            let caller = self.setid_caller(req);
-            let file = self.owner_of(&st);
-            // With KILLPRIV_V2 the kernel no longer works out the mode that clears set-id
-            // bits: a truncation, and the empty SETATTR a write sends before writing to a
-            // set-id file, are ours to complete (chown clears them in the upper filesystem
-            // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
-            // a non-owner when it would clear a bit, unless the file is open for writing
-            // (then it cannot be told from a write's request).
-            if self.kills_privileges()
-                && change.mode.is_none()
-                && (change.size.is_some() || change.is_empty())
-                && let Some(mode) = crate::attrs::setid_bits_dropped(
-                    &st,
-                    file,
-                    caller,
-                    if change.is_empty() {
-                        crate::attrs::SetidLoss::Chown
-                    } else {
-                        crate::attrs::SetidLoss::Modification
-                    },
-                )
-            {
-                if change.is_empty()
-                    && caller.uid != file.uid
-                    && !caller.presumed_privileged
-                    && !self.open_for_writing(&node)
-                {
-                    return Err(Errno::EPERM);
-                }
-                change.mode = Some(mode);
-            }
-            crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
-                self.open_for_writing(&node)
-            })
-            .map_err(errno)?;
-            let state = self.copy_up(&node, with_data)?;
-            let open = match fh {
-                Some(fh) => self.file(fh).ok(),
-                None => None,
-            };
-            crate::attrs::apply(state.obj.fd()?.as_fd(), open.as_deref(), &change)
-                .map_err(errno)?;
-            self.attr(&node)
-        });
-        match result {
+        let set = crate::wire::SetattrIn {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        };
+        match self.setattr_of(ino.0, &set, req.uid(), req.gid(), req.pid()) {
             Ok(attr) => reply.attr(&self.settings.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -1187,15 +1273,13 @@ impl fuser::Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
         let what = if mode & libc::S_IFMT == libc::S_IFREG {
             NewObject::File
         } else {
             NewObject::Node { rdev: rdev as u64 }
         };
-        self.reply_entry(reply, self.create_object(req, parent, name, what, mode));
+        let made = self.make_entry(parent.0, name, what, mode, req.uid(), req.gid());
+        self.reply_entry(reply, made);
     }
 
     fn mkdir(
@@ -1207,10 +1291,7 @@ impl fuser::Filesystem for OverlayFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let made = self.create_object(req, parent, name, NewObject::Dir, libc::S_IFDIR | mode);
+        let made = self.mkdir_entry(parent.0, name, mode, req.uid(), req.gid());
         self.reply_entry(reply, made);
     }
 
@@ -1236,13 +1317,8 @@ impl fuser::Filesystem for OverlayFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let what = NewObject::Symlink {
-            target: target.as_os_str().as_bytes(),
-        };
-        let made = self.create_object(req, parent, link_name, what, libc::S_IFLNK | 0o777);
+        let target = target.as_os_str();
+        let made = self.symlink_entry(parent.0, link_name, target, req.uid(), req.gid());
         self.reply_entry(reply, made);
     }
 
@@ -1256,16 +1332,7 @@ impl fuser::Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = self.node(parent).and_then(|from| {
-            let to = self.node(newparent)?;
-            self.union
-                .rename(&from, name, &to, newname, flags.bits())
-                .map_err(errno)
-        });
-        match result {
+        match self.rename_entry(parent.0, name, newparent.0, newname, flags.bits()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1279,16 +1346,7 @@ impl fuser::Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        if let Err(e) = self.gate() {
-            return reply.error(e);
-        }
-        let result = self.node(ino).and_then(|node| {
-            let dir = self.node(newparent)?;
-            let resolved = self.union.link(&node, &dir, newname).map_err(errno)?;
-            node.name_unsynced.store(true, Ordering::Release);
-            self.remember(&dir, newname, resolved)
-        });
-        self.reply_entry(reply, result);
+        self.reply_entry(reply, self.link_entry(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

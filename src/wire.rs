@@ -127,6 +127,101 @@ pub fn parse_open(body: &[u8]) -> Option<OpenIn> {
     })
 }
 
+/// What a FUSE_SETATTR asks to change (`struct fuse_setattr_in`, 88 bytes), decoded as
+/// fuser 0.18 decodes it: a field is `Some` when its FATTR_* bit is in `valid`; a time with
+/// its `*_NOW` bit is "now"; `ctime`, the lock owner and FATTR_KILL_SUIDGID are not passed on
+/// (fuser passes none of them to the filesystem's setattr that ours uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SetattrIn {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<fuser::TimeOrNow>,
+    pub mtime: Option<fuser::TimeOrNow>,
+    pub fh: Option<FileHandle>,
+}
+
+const FATTR_MODE: u32 = 1 << 0;
+const FATTR_UID: u32 = 1 << 1;
+const FATTR_GID: u32 = 1 << 2;
+const FATTR_SIZE: u32 = 1 << 3;
+const FATTR_ATIME: u32 = 1 << 4;
+const FATTR_MTIME: u32 = 1 << 5;
+const FATTR_FH: u32 = 1 << 6;
+const FATTR_ATIME_NOW: u32 = 1 << 7;
+const FATTR_MTIME_NOW: u32 = 1 << 8;
+const SETATTR_IN_LEN: usize = 88;
+
+/// The body of FUSE_SETATTR.
+pub fn parse_setattr(body: &[u8]) -> Option<SetattrIn> {
+    if body.len() < SETATTR_IN_LEN {
+        return None;
+    }
+    let valid = u32_at(body, 0)?;
+    let time = |bit: u32, now_bit: u32, secs_at: usize, nsecs_at: usize| {
+        let secs = u64_at(body, secs_at)? as i64;
+        let nsecs = u32_at(body, nsecs_at)?;
+        if valid & bit == 0 {
+            return Some(None);
+        }
+        Some(Some(if valid & now_bit != 0 {
+            fuser::TimeOrNow::Now
+        } else {
+            fuser::TimeOrNow::SpecificTime(time_from_wire(secs, nsecs)?)
+        }))
+    };
+    Some(SetattrIn {
+        mode: if_set(valid, FATTR_MODE, u32_at(body, 68)?),
+        uid: if_set(valid, FATTR_UID, u32_at(body, 76)?),
+        gid: if_set(valid, FATTR_GID, u32_at(body, 80)?),
+        size: if_set(valid, FATTR_SIZE, u64_at(body, 16)?),
+        atime: time(FATTR_ATIME, FATTR_ATIME_NOW, 32, 56)?,
+        mtime: time(FATTR_MTIME, FATTR_MTIME_NOW, 40, 60)?,
+        fh: if_set(valid, FATTR_FH, FileHandle(u64_at(body, 8)?)),
+    })
+}
+
+fn if_set<T>(valid: u32, bit: u32, value: T) -> Option<T> {
+    (valid & bit != 0).then_some(value)
+}
+
+/// A time as the wire carries it (signed seconds, nanoseconds added), converted as fuser 0.18
+/// converts it — including its treatment of negative seconds, which subtracts the nanoseconds.
+/// None where `SystemTime` cannot hold it (fuser would panic; that request is left to it).
+fn time_from_wire(secs: i64, nsecs: u32) -> Option<SystemTime> {
+    if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(secs as u64, nsecs))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::new(secs.unsigned_abs(), nsecs))
+    }
+}
+
+/// The body of FUSE_MKDIR: `struct fuse_mkdir_in { mode, umask }` and the name.
+pub fn parse_mkdir(body: &[u8]) -> Option<(u32, &OsStr)> {
+    Some((u32_at(body, 0)?, c_name(body.get(8..)?)?))
+}
+
+/// The body of FUSE_SYMLINK: the new name, then the target, each NUL-terminated.
+pub fn parse_symlink(body: &[u8]) -> Option<(&OsStr, &OsStr)> {
+    let name = c_name(body)?;
+    let target = c_name(body.get(name.len() + 1..)?)?;
+    Some((name, target))
+}
+
+/// The body of FUSE_LINK: `struct fuse_link_in { oldnodeid }` and the new name.
+pub fn parse_link(body: &[u8]) -> Option<(u64, &OsStr)> {
+    Some((u64_at(body, 0)?, c_name(body.get(8..)?)?))
+}
+
+/// The body of FUSE_RENAME: `struct fuse_rename_in { newdir }`, the old name, the new name.
+pub fn parse_rename(body: &[u8]) -> Option<(u64, &OsStr, &OsStr)> {
+    let names = body.get(8..)?;
+    let name = c_name(names)?;
+    let newname = c_name(names.get(name.len() + 1..)?)?;
+    Some((u64_at(body, 0)?, name, newname))
+}
+
 /// The command of FUSE_IOCTL: `struct fuse_ioctl_in { fh: u64, flags: u32, cmd: u32, ... }`.
 pub fn parse_ioctl_cmd(body: &[u8]) -> Option<u32> {
     u32_at(body, 12)
@@ -977,6 +1072,11 @@ mod tests {
             let _ = parse_release(b);
             let _ = parse_read(b);
             let _ = parse_write(b);
+            let _ = parse_setattr(b);
+            let _ = parse_mkdir(b);
+            let _ = parse_symlink(b);
+            let _ = parse_link(b);
+            let _ = parse_rename(b);
         }
     }
 
@@ -994,9 +1094,18 @@ mod tests {
             ReplyOpen, ReplyWrite, Request, WriteFlags,
         };
 
-        /// Answers every request from `attrs` (indexed by node id or by the name's number).
+        /// Answers every request from `attrs` (indexed by node id or by the name's number);
+        /// keeps what fuser decoded from each SETATTR.
         pub struct Fixed {
             pub attrs: Vec<FileAttr>,
+            pub setattrs: std::sync::Arc<parking_lot::Mutex<Vec<SetattrIn>>>,
+            /// MKDIR, SYMLINK, LINK and RENAME as fuser decoded them, in `decoded`'s words.
+            pub made: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+        }
+
+        /// One line for a decoded MKDIR/SYMLINK/LINK/RENAME, whoever decoded it.
+        pub fn decoded(op: &str, node: u64, other: u64, a: &OsStr, b: &OsStr) -> String {
+            format!("{op} node={node} other={other:o} a={a:?} b={b:?}")
         }
 
         const TTL: Duration = Duration::new(3, 250_000_000);
@@ -1021,6 +1130,91 @@ mod tests {
                 reply: ReplyAttr,
             ) {
                 reply.attr(&TTL, &self.attrs[ino.0 as usize]);
+            }
+
+            fn setattr(
+                &self,
+                _req: &Request,
+                ino: INodeNo,
+                mode: Option<u32>,
+                uid: Option<u32>,
+                gid: Option<u32>,
+                size: Option<u64>,
+                atime: Option<fuser::TimeOrNow>,
+                mtime: Option<fuser::TimeOrNow>,
+                _ctime: Option<SystemTime>,
+                fh: Option<FileHandle>,
+                _crtime: Option<SystemTime>,
+                _chgtime: Option<SystemTime>,
+                _bkuptime: Option<SystemTime>,
+                _flags: Option<fuser::BsdFileFlags>,
+                reply: ReplyAttr,
+            ) {
+                self.setattrs.lock().push(SetattrIn {
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime,
+                    fh,
+                });
+                reply.attr(&TTL, &self.attrs[ino.0 as usize]);
+            }
+
+            fn mkdir(
+                &self,
+                _req: &Request,
+                parent: INodeNo,
+                name: &OsStr,
+                mode: u32,
+                _umask: u32,
+                reply: ReplyEntry,
+            ) {
+                let line = decoded("mkdir", parent.0, mode.into(), name, OsStr::new(""));
+                self.made.lock().push(line);
+                reply.entry(&TTL, &self.attrs[2], GENERATION);
+            }
+
+            fn symlink(
+                &self,
+                _req: &Request,
+                parent: INodeNo,
+                link_name: &OsStr,
+                target: &std::path::Path,
+                reply: ReplyEntry,
+            ) {
+                let line = decoded("symlink", parent.0, 0, link_name, target.as_os_str());
+                self.made.lock().push(line);
+                reply.entry(&TTL, &self.attrs[2], GENERATION);
+            }
+
+            fn link(
+                &self,
+                _req: &Request,
+                ino: INodeNo,
+                newparent: INodeNo,
+                newname: &OsStr,
+                reply: ReplyEntry,
+            ) {
+                let line = decoded("link", newparent.0, ino.0, newname, OsStr::new(""));
+                self.made.lock().push(line);
+                reply.entry(&TTL, &self.attrs[2], GENERATION);
+            }
+
+            fn rename(
+                &self,
+                _req: &Request,
+                parent: INodeNo,
+                name: &OsStr,
+                newparent: INodeNo,
+                newname: &OsStr,
+                _flags: fuser::RenameFlags,
+                reply: fuser::ReplyEmpty,
+            ) {
+                let line = decoded("rename", parent.0, newparent.0, name, newname);
+                self.made.lock().push(line);
+                reply.ok();
             }
 
             fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1206,6 +1400,55 @@ mod tests {
         }
     }
 
+    /// SETATTR bodies: every field set with distinct values, each time as "now", negative
+    /// and out-of-range times, no field, and bits fuser does not pass on.
+    fn setattr_bodies() -> Vec<Vec<u8>> {
+        let make = |valid: u32, atime: i64, atimensec: u32, mtime: i64, mtimensec: u32| {
+            let mut b = vec![0u8; SETATTR_IN_LEN];
+            b[0..4].copy_from_slice(&valid.to_ne_bytes());
+            b[8..16].copy_from_slice(&0xF00Du64.to_ne_bytes());
+            b[16..24].copy_from_slice(&(5u64 << 32 | 7).to_ne_bytes());
+            b[32..40].copy_from_slice(&atime.to_ne_bytes());
+            b[40..48].copy_from_slice(&mtime.to_ne_bytes());
+            b[48..56].copy_from_slice(&99i64.to_ne_bytes());
+            b[56..60].copy_from_slice(&atimensec.to_ne_bytes());
+            b[60..64].copy_from_slice(&mtimensec.to_ne_bytes());
+            b[68..72].copy_from_slice(&0o104755u32.to_ne_bytes());
+            b[76..80].copy_from_slice(&1234u32.to_ne_bytes());
+            b[80..84].copy_from_slice(&5678u32.to_ne_bytes());
+            b
+        };
+        let every = FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME;
+        vec![
+            make(
+                every | FATTR_FH,
+                1_700_000_000,
+                123,
+                1_600_000_000,
+                999_999_999,
+            ),
+            make(every | FATTR_ATIME_NOW | FATTR_MTIME_NOW, 1, 2, 3, 4),
+            make(FATTR_ATIME | FATTR_MTIME | FATTR_MTIME_NOW, -5, 500, 0, 0),
+            make(FATTR_ATIME_NOW | FATTR_MTIME_NOW, 7, 0, 8, 0),
+            make(FATTR_SIZE, 0, 0, 0, 0),
+            make(0, 0, 0, 0, 0),
+            // FATTR_LOCKOWNER, FATTR_CTIME, FATTR_KILL_SUIDGID and unknown bits.
+            make(FATTR_UID | 1 << 9 | 1 << 10 | 1 << 11 | 1 << 30, 0, 0, 0, 0),
+        ]
+    }
+
+    #[test]
+    fn setattr_times_fuser_cannot_hold_are_left_to_it() {
+        let mut b = vec![0u8; SETATTR_IN_LEN];
+        b[0..4].copy_from_slice(&FATTR_ATIME.to_ne_bytes());
+        b[32..40].copy_from_slice(&i64::MIN.to_ne_bytes());
+        b[56..60].copy_from_slice(&1u32.to_ne_bytes());
+        assert_eq!(parse_setattr(&b), None);
+        assert_eq!(parse_setattr(&b[..SETATTR_IN_LEN - 1]), None);
+        b[0..4].copy_from_slice(&FATTR_MODE.to_ne_bytes());
+        assert_eq!(parse_setattr(&b).map(|s| s.atime), Some(None));
+    }
+
     fn awkward_attrs() -> Vec<FileAttr> {
         let base = attr_sample();
         vec![
@@ -1252,8 +1495,9 @@ mod tests {
         ]
     }
 
-    /// fuser's replies for LOOKUP, GETATTR, OPEN, CREATE, WRITE and READDIR are byte for
-    /// byte what our encoders produce from the same values.
+    /// fuser's replies for LOOKUP, GETATTR, SETATTR, OPEN, CREATE, WRITE and READDIR are byte
+    /// for byte what our encoders produce from the same values, and its decoding of SETATTR
+    /// is ours.
     #[test]
     fn encoders_match_fuser_0_18_bytes() {
         use oracle::*;
@@ -1271,9 +1515,13 @@ mod tests {
         let mut config = fuser::Config::default();
         config.n_threads = Some(1);
         config.clone_fd = false;
+        let setattrs = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let made = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
         let session = fuser::Session::from_fd(
             Fixed {
                 attrs: attrs.clone(),
+                setattrs: setattrs.clone(),
+                made: made.clone(),
             },
             fuser_end,
             fuser::SessionACL::All,
@@ -1308,6 +1556,44 @@ mod tests {
         let mut written = Vec::new();
         put_write_out(&mut written, 11);
         assert_eq!(kernel.payload(u), written, "WRITE");
+
+        // SETATTR: fuser's decoding of each body is ours, and its reply GETATTR's.
+        for body in setattr_bodies() {
+            let u = kernel.send(4, 2, &body);
+            assert_eq!(kernel.payload(u), expected_getattr(&attrs[2]), "SETATTR");
+            let theirs = setattrs.lock().pop();
+            assert_eq!(parse_setattr(&body), theirs, "SETATTR {body:?}");
+        }
+
+        // MKDIR, SYMLINK, LINK, RENAME: fuser's decoding is ours; entries as LOOKUP's.
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let mkdir = cat(&[&0o40755u32.to_ne_bytes(), &0o22u32.to_ne_bytes(), b"dir\0"]);
+        let (mode, name) = parse_mkdir(&mkdir).unwrap();
+        let ours = decoded("mkdir", 7, mode.into(), name, OsStr::new(""));
+        let u = kernel.send(9, 7, &mkdir);
+        assert_eq!(kernel.payload(u), expected_lookup(&attrs[2]), "MKDIR");
+        assert_eq!(made.lock().pop(), Some(ours), "MKDIR decoded");
+
+        let symlink = cat(&[b"ln\0", b"../a b/\xffc\0"]);
+        let (name, target) = parse_symlink(&symlink).unwrap();
+        let ours = decoded("symlink", 7, 0, name, target);
+        let u = kernel.send(6, 7, &symlink);
+        assert_eq!(kernel.payload(u), expected_lookup(&attrs[2]), "SYMLINK");
+        assert_eq!(made.lock().pop(), Some(ours), "SYMLINK decoded");
+
+        let link = cat(&[&0x1234_5678_9abcu64.to_ne_bytes(), b"hard\0"]);
+        let (old, name) = parse_link(&link).unwrap();
+        let ours = decoded("link", 7, old, name, OsStr::new(""));
+        let u = kernel.send(13, 7, &link);
+        assert_eq!(kernel.payload(u), expected_lookup(&attrs[2]), "LINK");
+        assert_eq!(made.lock().pop(), Some(ours), "LINK decoded");
+
+        let rename = cat(&[&42u64.to_ne_bytes(), b"from\0", b"to\0"]);
+        let (newdir, name, newname) = parse_rename(&rename).unwrap();
+        let ours = decoded("rename", 7, newdir, name, newname);
+        let u = kernel.send(12, 7, &rename);
+        assert_eq!(kernel.payload(u), Vec::<u8>::new(), "RENAME");
+        assert_eq!(made.lock().pop(), Some(ours), "RENAME decoded");
 
         // Sizes that cut the listing at different places, including mid-entry.
         for size in [4096u32, 0, 31, 32, 33, 100, 200, 152, 160, 320, 500] {
