@@ -757,27 +757,49 @@ fn make(
     uid: u32,
     gid: u32,
 ) -> io::Result<()> {
-    match what {
-        NewObject::File => sys::create_file_at(dir, name, 0o600).map(drop)?,
-        NewObject::Dir => sys::mkdir_at(dir, name, 0o700)?,
-        NewObject::Node { rdev } => sys::mknod_at(dir, name, (mode & libc::S_IFMT) | 0o600, rdev)?,
+    let owned = match what {
+        // Owner and mode through the descriptor it was made with: the name is not looked up
+        // again (create is the hottest path of a build or an unpack).
+        NewObject::File => {
+            let fd = sys::create_file_at(dir, name, 0o600)?;
+            sys::chown_open_fd(fd.as_fd(), uid, gid)
+                .and_then(|()| sys::chmod_open_fd(fd.as_fd(), mode & 0o7777))
+        }
+        NewObject::Dir => {
+            sys::mkdir_at(dir, name, 0o700)?;
+            set_owner_and_mode(dir, name, mode, uid, gid, true)
+        }
+        NewObject::Node { rdev } => {
+            sys::mknod_at(dir, name, (mode & libc::S_IFMT) | 0o600, rdev)?;
+            set_owner_and_mode(dir, name, mode, uid, gid, true)
+        }
         NewObject::Symlink { target } => {
             let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
             sys::symlink_at(&target, dir, name)?;
+            set_owner_and_mode(dir, name, mode, uid, gid, false)
         }
-    }
-    let owned = (|| {
-        sys::chown_at(dir, name, uid, gid)?;
-        // After chown, which clears set-id bits: the mode exactly as asked.
-        if !matches!(what, NewObject::Symlink { .. }) {
-            sys::chmod_at(dir, name, mode & 0o7777)?;
-        }
-        Ok(())
-    })();
+    };
     if owned.is_err() {
         let _ = sys::remove_tree(dir, name);
     }
     owned
+}
+
+/// Owner, then mode (`with_mode`: not for a symlink) of the object `name` just made in `dir`:
+/// after chown, which clears set-id bits, the mode exactly as asked.
+fn set_owner_and_mode(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    with_mode: bool,
+) -> io::Result<()> {
+    sys::chown_at(dir, name, uid, gid)?;
+    if with_mode {
+        sys::chmod_at(dir, name, mode & 0o7777)?;
+    }
+    Ok(())
 }
 
 /// `.wh.NAME` for `name`.

@@ -391,6 +391,18 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> i
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `fchown` of a descriptor opened for I/O (on an `O_PATH` one it fails with EBADF).
+pub fn chown_open_fd(fd: BorrowedFd<'_>, uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: valid fd.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
+}
+
+/// `fchmod` of a descriptor opened for I/O (on an `O_PATH` one it fails with EBADF).
+pub fn chmod_open_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: valid fd.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })
+}
+
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: valid fd and name.
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })

@@ -350,7 +350,7 @@ fn install_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
 
 /// A `pre_exec` hook for a daemon that must die at a known point: the process (and what it
 /// forks) is killed by the kernel — like `kill -9`, it runs no further instruction — at its
-/// first `fchmodat` or `chmod`. ovlfuse calls them only right after creating an object: the temporary
+/// first `fchmodat`, `chmod` or `fchmod`. ovlfuse calls them only right after creating an object: the temporary
 /// copy of a copy-up in `workdir/work`, or a new file or directory. (Mounting calls none.)
 pub fn die_at_first_fchmodat() -> std::io::Result<()> {
     install_filter(&[
@@ -359,10 +359,12 @@ pub fn die_at_first_fchmodat() -> std::io::Result<()> {
         stmt(RET_K, libc::SECCOMP_RET_ALLOW),
         stmt(LD_W_ABS, 0), // seccomp_data.nr
         // chmod too: ovlfuse sets modes through an O_PATH handle's /proc magic link, so a
-        // name swapped for a symlink is never followed.
-        jump(JEQ_K, libc::SYS_fchmodat as u32, 3, 0),
-        jump(JEQ_K, libc::SYS_fchmodat2 as u32, 2, 0),
-        jump(JEQ_K, libc::SYS_chmod as u32, 1, 0),
+        // name swapped for a symlink is never followed; and fchmod: a new file gets its
+        // mode through the descriptor it was made with.
+        jump(JEQ_K, libc::SYS_fchmodat as u32, 4, 0),
+        jump(JEQ_K, libc::SYS_fchmodat2 as u32, 3, 0),
+        jump(JEQ_K, libc::SYS_chmod as u32, 2, 0),
+        jump(JEQ_K, libc::SYS_fchmod as u32, 1, 0),
         stmt(RET_K, libc::SECCOMP_RET_ALLOW),
         stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
     ])
