@@ -210,16 +210,19 @@ impl LocalAnswer for FastPath {
                 let read = wire::parse_read(body)?;
                 let ttl = core.ttl();
                 let mut list = wire::DirentPlusList::new(out, read.size);
-                served(
-                    core.readdirplus_unopened(node, read.offset, |entry| match entry.attr {
+                served(core.readdirplus_unopened(
+                    node,
+                    read.offset,
+                    true,
+                    |entry| match entry.attr {
                         Some((attr, generation)) => {
                             list.add_if_fits(&ttl, attr, generation, entry.cookie, entry.name)
                         }
                         None => {
                             list.add_bare_if_fits(entry.ino, entry.cookie, entry.kind, entry.name)
                         }
-                    }),
-                )
+                    },
+                ))
             }
             _ => None,
         }

@@ -545,11 +545,13 @@ impl Core {
     /// attributes counts as a lookup, except `.` and `..`, which the kernel never takes a
     /// reference on. An entry whose lookup fails (a redirect the kernel refuses, an xattr
     /// whiteout outside an `opaque=x` directory, a name gone since the merge, ...) is listed
-    /// without attributes, exactly as READDIR lists it.
+    /// without attributes, exactly as READDIR lists it; so is one the kernel still holds when
+    /// `held_bare` (only where a bare entry keeps its d_ino: glibc's readdir skips d_ino 0).
     pub(crate) fn readdirplus_unopened(
         &self,
         ino: u64,
         offset: u64,
+        held_bare: bool,
         mut add: impl FnMut(PlusEntry<'_>) -> bool,
     ) -> Result<(), Errno> {
         self.with_unopened_listing(ino, offset, |dir, entries| {
@@ -570,6 +572,15 @@ impl Core {
                         ..bare
                     };
                     if !add(dot) {
+                        return false;
+                    }
+                    continue;
+                }
+                // A child the kernel still holds under this name (a listing read again
+                // after the kernel dropped its cached copy): attributes would only repeat
+                // what it has, and cost a lookup of the object. Bare, as READDIR lists it.
+                if held_bare && self.union.inodes.held_at(entry.ino, dir.id, name) {
+                    if !add(bare) {
                         return false;
                     }
                     continue;
@@ -1598,7 +1609,9 @@ impl fuser::Filesystem for OverlayFs {
         }
         // Asked for only where OPENDIR is not (see `init`): the listing is the unopened one.
         let ttl = self.settings.ttl;
-        let result = self.readdirplus_unopened(ino.0, offset, |entry| match entry.attr {
+        // Bare entries have d_ino 0 here (below), so every entry the kernel holds comes with
+        // its attributes again.
+        let result = self.readdirplus_unopened(ino.0, offset, false, |entry| match entry.attr {
             Some((attr, generation)) => {
                 !reply.add(attr.ino, entry.cookie, entry.name, &ttl, attr, generation)
             }

@@ -369,6 +369,17 @@ impl InodeTable {
         node
     }
 
+    /// Whether the kernel holds node `id` under `name` in `parent`: it looked the node up
+    /// there and has not given back every lookup since.
+    pub fn held_at(&self, id: u64, parent: u64, name: &std::ffi::OsStr) -> bool {
+        self.nodes.read().get(&id).is_some_and(|n| {
+            let state = n.0.state.read();
+            n.0.lookups.load(Ordering::Relaxed) > 0
+                && state.parent == parent
+                && *state.name == *name
+        })
+    }
+
     /// `node`, which stood for the object `from`, was copied up to the object `to`: `to`
     /// keeps the node's id for the life of the mount, and `from` (still reachable through
     /// other hard links in the lower layer) gets a fresh one.
@@ -468,6 +479,33 @@ mod tests {
             stat,
             merged: Vec::new(),
         }
+    }
+
+    #[test]
+    fn held_at_only_where_the_kernel_last_found_a_node_it_still_holds() {
+        let table = InodeTable::new(resolved("/"));
+        let node = table.lookup(ROOT_ID, "a".as_ref(), resolved("/tmp"));
+        assert!(table.held_at(node.id, ROOT_ID, "a".as_ref()));
+        assert!(
+            !table.held_at(node.id, ROOT_ID, "b".as_ref()),
+            "another name"
+        );
+        assert!(
+            !table.held_at(node.id, 7, "a".as_ref()),
+            "another directory"
+        );
+        assert!(
+            !table.held_at(node.id + 1, ROOT_ID, "a".as_ref()),
+            "another node"
+        );
+        table.lookup(7, "b".as_ref(), resolved("/tmp"));
+        assert!(
+            !table.held_at(node.id, ROOT_ID, "a".as_ref()),
+            "found elsewhere since"
+        );
+        assert!(table.held_at(node.id, 7, "b".as_ref()));
+        table.forget(node.id, 2);
+        assert!(!table.held_at(node.id, 7, "b".as_ref()), "forgotten");
     }
 
     #[test]

@@ -1324,3 +1324,40 @@ fn isatty_is_enotty_and_missing_names_appear_once_made() {
         drop(m);
     }
 }
+
+/// A listing read again after the kernel dropped its cached copy (page cache only, so the
+/// kernel still holds every entry it stat'ed): every name, with the inode number stat gives,
+/// on both transports (fuseblk then lists held entries without attributes).
+#[test]
+fn listing_read_again_after_a_page_cache_drop_keeps_every_name_and_inode() {
+    if testing_kernel_instead() {
+        return;
+    }
+    for transport in ["", "nofuseblk"] {
+        let (_s, l) = setup();
+        for i in 0..300 {
+            l.lower(0).write_file(&format!("d/f{i:03}"), b"x", 0o644);
+        }
+        l.up().write_file("d/upper", b"u", 0o644);
+        let m = mount_ovlfuse(&l, transport);
+        let r = m.mnt.join("d");
+        with_timeout(T, move || {
+            let list = |r: &Path| -> std::collections::BTreeMap<OsString, u64> {
+                use std::os::unix::fs::DirEntryExt;
+                fs::read_dir(r)
+                    .unwrap()
+                    .map(|e| e.map(|e| (e.file_name(), e.ino())).unwrap())
+                    .collect()
+            };
+            let first = list(&r);
+            assert_eq!(first.len(), 301, "[{transport}]");
+            for (name, ino) in &first {
+                let st = fs::symlink_metadata(r.join(name)).unwrap();
+                assert_eq!(st.ino(), *ino, "[{transport}] {name:?}");
+            }
+            fs::write("/proc/sys/vm/drop_caches", b"1").unwrap();
+            assert_eq!(list(&r), first, "[{transport}] read again");
+        });
+        drop(m);
+    }
+}
