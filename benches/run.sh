@@ -360,8 +360,8 @@ LOWER_MIB=$(( $(du -sx -B1 "$LOWER" | cut -f1) >> 20 ))
 export BENCH_ENTRIES=$ENTRIES BENCH_TAR_MIB=$(( $(stat -c %s "$INPUTS/untar.tar") >> 20 ))
 log "lower layer: $ENTRIES entries, $LOWER_MIB MiB"
 if [[ $NOFILE != unlimited ]] && (( ENTRIES + 256 > NOFILE )); then
-    log "warning: the lower layer has more entries ($ENTRIES) than the daemons' RLIMIT_NOFILE \
-($NOFILE): ovlfuse's walks will fail with EMFILE (known: one descriptor per inode)"
+    log "note: the lower layer has more entries ($ENTRIES) than the daemons' RLIMIT_NOFILE \
+($NOFILE): ovlfuse keeps half of it open and reopens the other objects by file handle"
 fi
 
 # ---------------------------------------------------------------- emptying the caches
