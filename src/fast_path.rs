@@ -60,6 +60,15 @@ fn served(result: Result<(), fuser::Errno>) -> Option<Served> {
     }))
 }
 
+/// The relay's answer for a request that made a name: the new entry, encoded as LOOKUP's.
+fn served_entry(
+    core: &Core,
+    made: Result<(fuser::FileAttr, fuser::Generation), fuser::Errno>,
+    out: &mut Vec<u8>,
+) -> Option<Served> {
+    served(made.map(|(attr, generation)| wire::put_entry_out(out, &core.ttl(), &attr, generation)))
+}
+
 impl LocalAnswer for FastPath {
     fn serve(&self, header: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Option<Served> {
         let core = &self.core;
@@ -112,22 +121,16 @@ impl LocalAnswer for FastPath {
             MKDIR => {
                 let (mode, name) = wire::parse_mkdir(body)?;
                 let made = core.mkdir_entry(node, name, mode, header.uid, header.gid);
-                served(made.map(|(attr, generation)| {
-                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
-                }))
+                served_entry(core, made, out)
             }
             SYMLINK => {
                 let (name, target) = wire::parse_symlink(body)?;
                 let made = core.symlink_entry(node, name, target, header.uid, header.gid);
-                served(made.map(|(attr, generation)| {
-                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
-                }))
+                served_entry(core, made, out)
             }
             LINK => {
                 let (old, name) = wire::parse_link(body)?;
-                served(core.link_entry(old, node, name).map(|(attr, generation)| {
-                    wire::put_entry_out(out, &core.ttl(), &attr, generation)
-                }))
+                served_entry(core, core.link_entry(old, node, name), out)
             }
             RENAME => {
                 let (newdir, name, newname) = wire::parse_rename(body)?;
