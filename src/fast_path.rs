@@ -6,8 +6,10 @@
 //! OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
 //! did not open, IOCTL (isatty on every opened file) — and READ (lower files are read
 //! through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
-//! as fuser would encode them. Everything else, and anything that concerns the canary or does
-//! not parse, goes on to the health hook and fuser unchanged.
+//! as fuser would encode them. Everything else, anything that concerns the canary or does
+//! not parse, and anything that would first copy a lower file's data up (a copy and an fsync,
+//! which would hold up a thread that reads every request) goes on to the health hook and fuser
+//! unchanged.
 //!
 //! Must never: decide anything itself (the union's modules do), answer differently from
 //! fuser's path for the same request, or serve a request that touches the canary (its
@@ -99,9 +101,11 @@ impl LocalAnswer for FastPath {
                         .map(|attr| wire::put_attr_out(out, &core.ttl(), &attr)),
                 )
             }
-            // utime/chmod/chown/truncate: each may copy up (blocking this thread like an
-            // OPEN for writing does), which is why it is worth the two hops it saves.
-            SETATTR if node != CANARY_ID => {
+            // utime/chmod/chown/truncate of an object already in the upper layer. A lower
+            // file's would copy its data up first (and fsync it): that one goes to fuser,
+            // so this thread never waits on a copy (and the copy costs far more than the
+            // two hops).
+            SETATTR if node != CANARY_ID && !core.copies_data_up(node) => {
                 let set = wire::parse_setattr(body)?;
                 served(
                     core.setattr_of(node, &set, header.uid, header.gid, header.pid)
@@ -130,6 +134,10 @@ impl LocalAnswer for FastPath {
             }
             LINK => {
                 let (old, name) = wire::parse_link(body)?;
+                // A link to a lower file copies it up first: fuser's, as for SETATTR.
+                if core.copies_data_up(old) {
+                    return None;
+                }
                 served_entry(core, core.link_entry(old, node, name), out)
             }
             RENAME => {
@@ -167,6 +175,12 @@ impl LocalAnswer for FastPath {
             }
             OPEN if node != CANARY_ID => {
                 let open = wire::parse_open(body)?;
+                // Writing to a lower file copies it up first: fuser's, as for SETATTR.
+                let writes = open.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
+                    || open.flags as i32 & libc::O_TRUNC != 0;
+                if writes && core.copies_data_up(node) {
+                    return None;
+                }
                 served(
                     core.open_file_of(node, open.flags as i32)
                         .map(|o| wire::put_open_out(out, o.fh, o.flags, o.io.backing_id())),

@@ -844,6 +844,15 @@ impl Core {
             .map_err(errno)
     }
 
+    /// Whether a change to node `ino` would first copy a regular file's data up from a
+    /// lower layer: a copy and an fsync, which the relay leaves to fuser's workers so that
+    /// its reading threads never wait on one.
+    pub(crate) fn copies_data_up(&self, ino: u64) -> bool {
+        self.node(INodeNo(ino)).is_ok_and(|node| {
+            node.file_type() == libc::S_IFREG && !self.union.is_upper(&node.state())
+        })
+    }
+
     /// How long the kernel may keep entries and attributes.
     pub(crate) fn ttl(&self) -> Duration {
         self.settings.ttl

@@ -92,7 +92,7 @@ impl Union {
         lookup::resolve(&self.stack, &dir.state().merged, name)
     }
 
-    fn is_upper(&self, state: &NodeState) -> bool {
+    pub fn is_upper(&self, state: &NodeState) -> bool {
         self.stack.has_upper() && state.layer() == 0
     }
 
