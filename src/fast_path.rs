@@ -105,7 +105,7 @@ impl LocalAnswer for FastPath {
             // file's would copy its data up first (and fsync it): that one goes to fuser,
             // so this thread never waits on a copy (and the copy costs far more than the
             // two hops).
-            SETATTR if node != CANARY_ID && !core.copies_data_up(node) => {
+            SETATTR if node != CANARY_ID && !core.copies_file_up(node) => {
                 let set = wire::parse_setattr(body)?;
                 served(
                     core.setattr_of(node, &set, header.uid, header.gid, header.pid)
@@ -135,7 +135,7 @@ impl LocalAnswer for FastPath {
             LINK => {
                 let (old, name) = wire::parse_link(body)?;
                 // A link to a lower file copies it up first: fuser's, as for SETATTR.
-                if core.copies_data_up(old) {
+                if core.copies_file_up(old) {
                     return None;
                 }
                 served_entry(core, core.link_entry(old, node, name), out)
@@ -176,9 +176,7 @@ impl LocalAnswer for FastPath {
             OPEN if node != CANARY_ID => {
                 let open = wire::parse_open(body)?;
                 // Writing to a lower file copies it up first: fuser's, as for SETATTR.
-                let writes = open.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
-                    || open.flags as i32 & libc::O_TRUNC != 0;
-                if writes && core.copies_data_up(node) {
+                if core.open_copies_file_up(node, open.flags as i32) {
                     return None;
                 }
                 served(

@@ -844,13 +844,19 @@ impl Core {
             .map_err(errno)
     }
 
-    /// Whether a change to node `ino` would first copy a regular file's data up from a
-    /// lower layer: a copy and an fsync, which the relay leaves to fuser's workers so that
-    /// its reading threads never wait on one.
-    pub(crate) fn copies_data_up(&self, ino: u64) -> bool {
+    /// Whether a change to node `ino` would first copy a regular file up from a lower layer
+    /// (with its data, unless truncated to nothing): a copy and an fsync, which the relay
+    /// leaves to fuser's workers so that its reading threads never wait on one.
+    pub(crate) fn copies_file_up(&self, ino: u64) -> bool {
         self.node(INodeNo(ino)).is_ok_and(|node| {
             node.file_type() == libc::S_IFREG && !self.union.is_upper(&node.state())
         })
+    }
+
+    /// Whether an OPEN of node `ino` with open(2) `flags` would copy it up (see
+    /// [`Core::copies_file_up`]).
+    pub(crate) fn open_copies_file_up(&self, ino: u64, flags: i32) -> bool {
+        opens_for_writing(flags) && self.copies_file_up(ino)
     }
 
     /// How long the kernel may keep entries and attributes.
@@ -935,8 +941,7 @@ impl Core {
     pub(crate) fn open_file_of(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         self.gate()?;
         let node = self.node(INodeNo(ino))?;
-        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        let (fh, io, upper) = if writing {
+        let (fh, io, upper) = if opens_for_writing(flags) {
             let file = self.open_for_write(&node, flags)?;
             let io = self.io_mode(&node, &file, true);
             (self.register_file(node, file, None, true, io), io, true)
@@ -944,7 +949,7 @@ impl Core {
             let state = node.state();
             let real_flags = real_open_flags(flags);
             let file = state.obj.reopen(real_flags).map_err(errno)?;
-            let upper = self.union.stack.has_upper() && state.layer() == 0;
+            let upper = self.union.is_upper(&state);
             let follows = (!upper).then(|| LowerOpen {
                 node: node.clone(),
                 source: state.obj.clone(),
@@ -1021,69 +1026,67 @@ impl Core {
         pid: u32,
     ) -> Result<FileAttr, Errno> {
         self.gate()?;
-        self.node(INodeNo(ino)).and_then(|node| {
-            // Only the data up to the new size matters when truncating to zero.
-            let with_data = set.size != Some(0);
-            let ids = &self.settings.ids;
-            let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
-                // An id no mapping covers cannot be stored, as in a user namespace.
-                Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
-                None => Ok(None),
-            };
-            let mut change = crate::attrs::Change {
-                mode: set.mode,
-                uid: stored(set.uid, &|id| ids.stored_uid(id))?,
-                gid: stored(set.gid, &|id| ids.stored_gid(id))?,
-                size: set.size,
-                atime: set.atime.map(time_spec),
-                mtime: set.mtime.map(time_spec),
-            };
-            // Decided on the object as it is, wherever it is: a refusal copies nothing up.
-            let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
-            let caller = self.setid_caller(uid, gid, pid);
-            let file = self.owner_of(&st);
-            // With KILLPRIV_V2 the kernel no longer works out the mode that clears set-id
-            // bits: a truncation, and the empty SETATTR a write sends before writing to a
-            // set-id file, are ours to complete (chown clears them in the upper filesystem
-            // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
-            // a non-owner when it would clear a bit, unless the file is open for writing
-            // (then it cannot be told from a write's request).
-            if self.kills_privileges()
-                && change.mode.is_none()
-                && (change.size.is_some() || change.is_empty())
-                && let Some(mode) = crate::attrs::setid_bits_dropped(
-                    &st,
-                    file,
-                    caller,
-                    if change.is_empty() {
-                        crate::attrs::SetidLoss::Chown
-                    } else {
-                        crate::attrs::SetidLoss::Modification
-                    },
-                )
+        let node = self.node(INodeNo(ino))?;
+        // Only the data up to the new size matters when truncating to zero.
+        let with_data = set.size != Some(0);
+        let ids = &self.settings.ids;
+        let stored = |id: Option<u32>, map: &dyn Fn(u32) -> Option<u32>| match id {
+            // An id no mapping covers cannot be stored, as in a user namespace.
+            Some(id) => map(id).map(Some).ok_or(Errno::EINVAL),
+            None => Ok(None),
+        };
+        let mut change = crate::attrs::Change {
+            mode: set.mode,
+            uid: stored(set.uid, &|id| ids.stored_uid(id))?,
+            gid: stored(set.gid, &|id| ids.stored_gid(id))?,
+            size: set.size,
+            atime: set.atime.map(time_spec),
+            mtime: set.mtime.map(time_spec),
+        };
+        // Decided on the object as it is, wherever it is: a refusal copies nothing up.
+        let st = sys::stat_fd(node.state().obj.fd()?.as_fd()).map_err(errno)?;
+        let caller = self.setid_caller(uid, gid, pid);
+        let file = self.owner_of(&st);
+        // With KILLPRIV_V2 the kernel no longer works out the mode that clears set-id
+        // bits: a truncation, and the empty SETATTR a write sends before writing to a
+        // set-id file, are ours to complete (chown clears them in the upper filesystem
+        // itself). An empty SETATTR is also chown(-1, -1), which the kernel refuses to
+        // a non-owner when it would clear a bit, unless the file is open for writing
+        // (then it cannot be told from a write's request).
+        if self.kills_privileges()
+            && change.mode.is_none()
+            && (change.size.is_some() || change.is_empty())
+            && let Some(mode) = crate::attrs::setid_bits_dropped(
+                &st,
+                file,
+                caller,
+                if change.is_empty() {
+                    crate::attrs::SetidLoss::Chown
+                } else {
+                    crate::attrs::SetidLoss::Modification
+                },
+            )
+        {
+            if change.is_empty()
+                && caller.uid != file.uid
+                && !caller.presumed_privileged
+                && !self.open_for_writing(&node)
             {
-                if change.is_empty()
-                    && caller.uid != file.uid
-                    && !caller.presumed_privileged
-                    && !self.open_for_writing(&node)
-                {
-                    return Err(Errno::EPERM);
-                }
-                change.mode = Some(mode);
+                return Err(Errno::EPERM);
             }
-            crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
-                self.open_for_writing(&node)
-            })
-            .map_err(errno)?;
-            let state = self.copy_up(&node, with_data)?;
-            let open = match set.fh {
-                Some(fh) => self.file(fh).ok(),
-                None => None,
-            };
-            crate::attrs::apply(state.obj.fd()?.as_fd(), open.as_deref(), &change)
-                .map_err(errno)?;
-            self.attr(&node)
+            change.mode = Some(mode);
+        }
+        crate::attrs::kill_setgid(&mut change, &st, file, caller, || {
+            self.open_for_writing(&node)
         })
+        .map_err(errno)?;
+        let state = self.copy_up(&node, with_data)?;
+        let open = match set.fh {
+            Some(fh) => self.file(fh).ok(),
+            None => None,
+        };
+        crate::attrs::apply(state.obj.fd()?.as_fd(), open.as_deref(), &change).map_err(errno)?;
+        self.attr(&node)
     }
 
     /// GETXATTR by the caller `uid`: the attribute's value.
@@ -1901,6 +1904,12 @@ impl fuser::Filesystem for OverlayFs {
             Err(e) => reply.error(e),
         }
     }
+}
+
+/// Whether an open with open(2) `flags` writes to the file (and so needs it in the upper
+/// layer).
+fn opens_for_writing(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
 /// Flags for opening the real file behind an open request: creation is handled by the union,
