@@ -216,7 +216,7 @@ fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
             let hook = fs.relay_hook(crate::health::RelayHook {
                 health: Arc::clone(&health),
             });
-            match crate::relay::start(device, threads, hook) {
+            match crate::relay::start(device, threads, hook, !config.no_uring) {
                 Ok((relay, fuser_end, max_write)) => {
                     fs.limit_max_write(max_write);
                     session_config.clone_fd = false;

@@ -40,6 +40,7 @@ pub mod readdir;
 pub mod relay;
 pub mod status;
 pub mod sys;
+pub mod uring;
 pub mod volatile;
 pub mod whiteout;
 pub mod wire;

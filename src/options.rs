@@ -109,6 +109,8 @@ pub struct MountConfig {
     pub fsync: bool,
     /// `nofuseblk`: never mount as fuseblk, even when privileged.
     pub no_fuseblk: bool,
+    /// `nouring`: never take requests through FUSE-over-io_uring.
+    pub no_uring: bool,
     pub threads: Option<usize>,
     pub read_only: bool,
     /// `None` leaves the choice to the daemon.
@@ -148,6 +150,7 @@ impl MountConfig {
             volatile: false,
             fsync: true,
             no_fuseblk: false,
+            no_uring: false,
             threads: None,
             read_only: false,
             allow_other: None,
@@ -191,6 +194,8 @@ enum Key {
     Volatile,
     /// `fuseblk` (true) / `nofuseblk` (false).
     Fuseblk(bool),
+    /// `uring` (true) / `nouring` (false).
+    Uring(bool),
     FsName,
     Source,
     ReadOnly,
@@ -359,6 +364,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         None,
         "always mount as plain fuse (no relay: slightly faster metadata operations), but syncfs(2) on the union does not flush the upper layer (`ovlfuse sync` does)",
         Key::Fuseblk(false),
+    ),
+    opt(
+        "uring",
+        None,
+        "on fuseblk, take requests through FUSE-over-io_uring, one queue per CPU, when the kernel allows it (fuse.enable_uring=Y; default)",
+        Key::Uring(true),
+    ),
+    opt(
+        "nouring",
+        None,
+        "always take requests through /dev/fuse reads",
+        Key::Uring(false),
     ),
     // FUSE and mount options.
     opt(
@@ -1229,6 +1246,7 @@ fn apply_option(
         }
         Key::Volatile => cfg.volatile = true,
         Key::Fuseblk(on) => cfg.no_fuseblk = !on,
+        Key::Uring(on) => cfg.no_uring = !on,
         Key::FsName => cfg.fsname = Some(text_value(name, raw)?),
         Key::Source => cfg.source = Some(text_value(name, raw)?),
         Key::ReadOnly => cfg.read_only = true,

@@ -14,7 +14,14 @@
 //!   [`route`] whether fuser may see it, and either forward the bytes unchanged
 //!   as one seqpacket message or answer it with a bare result;
 //! * outbound (one thread): receive fuser's replies and notifications from the
-//!   socket and write each one, unchanged, to the device.
+//!   socket and write each one, unchanged, to the device;
+//! * io_uring queues (one thread per possible CPU, only if the kernel offers
+//!   FUSE-over-io_uring at INIT and `start` was asked to use it; see [`crate::uring`]):
+//!   after INIT the kernel puts requests in ring entries instead, each on its caller's
+//!   CPU's queue. A queue's thread handles them exactly as an inbound thread would, and
+//!   commits the replies through the entry; fuser's replies to them, and deferred answers,
+//!   are left in the queue's mailbox for its thread to commit. FORGET and INTERRUPT still
+//!   come through the device.
 //!
 //! It also owns shutdown: when the device reports ENODEV (unmount or abort), or
 //! after a FUSE_DESTROY was forwarded, it injects synthetic FUSE_DESTROY messages
@@ -32,14 +39,19 @@
 //! request it chose to serve (which ties up one inbound thread meanwhile, hence
 //! one inbound thread per fuser worker).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
+
+use crate::uring;
 
 /// FUSE opcodes the relay has to know by number.
 pub mod opcode {
@@ -329,6 +341,19 @@ struct Shared {
     shutdown_at: Mutex<Option<Instant>>,
     injected: AtomicUsize,
     injection_done: AtomicBool,
+    /// io_uring queues built at start, waiting for INIT to say whether they are used.
+    rings_waiting: Mutex<Option<Vec<uring::Queue>>>,
+    /// The kernel's INIT offered FUSE_OVER_IO_URING.
+    uring_offered: AtomicBool,
+    /// Requests now arrive through io_uring (the INIT reply accepted it).
+    ring_active: AtomicBool,
+    /// Requests read from a ring entry whose reply will be made on another thread
+    /// (fuser's, through the outbound thread, or a deferred job's): where it must go.
+    ring_pending: Mutex<HashMap<u64, RingSlot>>,
+    /// Per queue: where other threads leave those replies, and how they wake its thread.
+    mailboxes: OnceLock<Vec<Mailbox>>,
+    /// The queue threads, started after INIT.
+    ring_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Test-only statistics: requests seen per opcode (63 = "63 or above"),
     /// and the largest request forwarded / reply relayed.
     #[cfg(test)]
@@ -381,37 +406,60 @@ impl Shared {
                 );
                 continue;
             };
-            #[cfg(test)]
-            self.seen[(header.opcode as usize).min(63)].fetch_add(1, Ordering::Relaxed);
+            self.dispatch(&header, &buf[..n], &mut served_payload, &mut DeviceReplies);
+        }
+    }
 
-            if self.shutdown_started.load(Ordering::Acquire)
-                || self.fuser_gone.load(Ordering::Acquire)
-            {
-                // fuser's workers are leaving or gone: nobody would answer.
-                self.answer(&header, -libc::EIO);
-                continue;
-            }
-            let end = (header.len as usize).clamp(IN_HEADER_LEN, n);
-            let body = &buf[IN_HEADER_LEN..end];
-            if !fuser_only(header.opcode) {
-                served_payload.clear();
-                if let Some(served) = self.local.serve(&header, body, &mut served_payload) {
-                    if let Served::Reply(result) = served {
-                        self.reply(&header, normalize_errno(result), &served_payload);
+    /// Everything that happens to one request, whichever way it came in: serve it here,
+    /// defer it, forward it to fuser, or answer it. `message` is the whole request as
+    /// `/dev/fuse` lays it out; `replies` says where a reply made on this thread goes.
+    fn dispatch(
+        self: &Arc<Self>,
+        header: &InHeader,
+        message: &[u8],
+        served_payload: &mut Vec<u8>,
+        replies: &mut dyn Replies,
+    ) {
+        #[cfg(test)]
+        self.seen[(header.opcode as usize).min(63)].fetch_add(1, Ordering::Relaxed);
+
+        if self.shutdown_started.load(Ordering::Acquire) || self.fuser_gone.load(Ordering::Acquire)
+        {
+            // fuser's workers are leaving or gone: nobody would answer.
+            replies.reply(self, header, -libc::EIO, &[]);
+            return;
+        }
+        let end = (header.len as usize).clamp(IN_HEADER_LEN, message.len());
+        let body = &message[IN_HEADER_LEN..end];
+        if !fuser_only(header.opcode) {
+            served_payload.clear();
+            if let Some(served) = self.local.serve(header, body, served_payload) {
+                match served {
+                    Served::Reply(result) => {
+                        replies.reply(self, header, normalize_errno(result), served_payload)
                     }
-                    continue;
+                    Served::NoReply => replies.no_reply(self, header),
                 }
+                return;
             }
-            if !is_protocol(header.opcode)
-                && let Some(job) = self.local.defer(&header, body)
-            {
-                self.run_deferred(header, job);
-                continue;
+        }
+        if !is_protocol(header.opcode)
+            && let Some(job) = self.local.defer(header, body)
+        {
+            replies.reply_later(self, header);
+            self.run_deferred(*header, job);
+            return;
+        }
+        match route(&*self.local, header, body) {
+            Route::Forward => {
+                if expects_reply(header.opcode) {
+                    replies.reply_later(self, header);
+                } else {
+                    replies.no_reply(self, header);
+                }
+                self.forward(header, message)
             }
-            match route(&*self.local, &header, body) {
-                Route::Forward => self.forward(&header, &buf[..n]),
-                Route::Answer(result) => self.answer(&header, result),
-            }
+            Route::Answer(result) => replies.reply(self, header, result, &[]),
         }
     }
 
@@ -434,6 +482,10 @@ impl Shared {
             self.destroy_pending.store(true, Ordering::Release);
         }
         if header.opcode == opcode::INIT {
+            self.uring_offered.store(
+                init_offers_uring(&message[IN_HEADER_LEN..]),
+                Ordering::Release,
+            );
             // Published before the send so the outbound thread knows it by the
             // time fuser's reply comes back.
             self.init_unique.store(header.unique, Ordering::Release);
@@ -499,6 +551,9 @@ impl Shared {
     /// that expect no reply get none.
     fn reply(&self, header: &InHeader, result: i32, payload: &[u8]) {
         if !expects_reply(header.opcode) {
+            return;
+        }
+        if self.to_ring(header.unique, result, payload) {
             return;
         }
         // The kernel refuses an error reply that carries anything after the header.
@@ -570,7 +625,7 @@ impl Shared {
         self.injection_done.store(true, Ordering::Release);
     }
 
-    fn outbound(&self) {
+    fn outbound(self: &Arc<Self>) {
         let mut buf = vec![0u8; self.reply_buf_len];
         let mut synthetic_seen = 0usize;
         let mut device_gone = false;
@@ -626,6 +681,15 @@ impl Shared {
                 synthetic_seen += 1;
                 continue;
             }
+            let error = i32::from_ne_bytes(buf[4..8].try_into().unwrap_or([0; 4]));
+            if self.to_ring(unique, error, &buf[OUT_HEADER_LEN..n]) {
+                if self.destroy_pending.load(Ordering::Acquire)
+                    && unique == self.destroy_unique.load(Ordering::Acquire)
+                {
+                    self.destroy_pending.store(false, Ordering::Release);
+                }
+                continue;
+            }
             if self.destroy_pending.load(Ordering::Acquire)
                 && unique == self.destroy_unique.load(Ordering::Acquire)
             {
@@ -648,6 +712,8 @@ impl Shared {
             {
                 self.init_pending.store(false, Ordering::Release);
                 clamp_init_reply(&mut buf[..n], self.max_write, self.max_reply_pages);
+                self.finish_init(&mut buf[..n], device_gone);
+                continue;
             }
             if device_gone {
                 continue;
@@ -674,6 +740,189 @@ impl Shared {
         }
     }
 
+    /// Send fuser's INIT reply (already clamped) to the kernel, accepting io_uring in it
+    /// if the kernel offered it and the queues are built, and start serving the queues once
+    /// the kernel has it. From then on the kernel holds every new request until all queues
+    /// have registered, and if a registration fails it falls back to `/dev/fuse` by itself.
+    fn finish_init(self: &Arc<Self>, reply: &mut [u8], device_gone: bool) {
+        let offered = self.uring_offered.load(Ordering::Acquire);
+        let queues = self.rings_waiting.lock().take().filter(|_| offered);
+        // Everything that can fail is done before the reply says yes: once it does, the
+        // kernel holds every request until the queues register.
+        let prepared = queues.and_then(|queues| match mailboxes_for(&queues) {
+            Ok((mailboxes, inboxes)) => Some((queues, mailboxes, inboxes)),
+            Err(e) => {
+                log::warn!("relay: io_uring off: cannot set up the queues' wakeups: {e}");
+                None
+            }
+        });
+        let prepared = prepared.filter(|_| accept_uring_in_init_reply(reply));
+        if device_gone {
+            return;
+        }
+        if let Err(e) = write_fd(self.device.as_fd(), reply) {
+            if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) {
+                log::error!("relay: writing the INIT reply failed: {e}");
+            }
+            return;
+        }
+        let Some((queues, mailboxes, inboxes)) = prepared else {
+            return;
+        };
+        let _ = self.mailboxes.set(mailboxes);
+        self.ring_active.store(true, Ordering::Release);
+        let mut threads = self.ring_threads.lock();
+        for (queue, inbox) in queues.into_iter().zip(inboxes) {
+            let shared = Arc::clone(self);
+            let name = format!("ovlfuse-ring{}", queue.qid());
+            match spawn(&name, move || shared.serve_ring(queue, inbox)) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => log::error!("relay: {e}"),
+            }
+        }
+        log::debug!(
+            "relay: serving requests through io_uring, {} queues",
+            threads.len()
+        );
+    }
+
+    /// The loop of one io_uring queue's thread: register the entries, then serve each
+    /// request that lands in one, and commit the replies other threads leave in `inbox`.
+    /// Ends when the kernel takes the entries back (unmount or abort).
+    fn serve_ring(self: &Arc<Self>, mut queue: uring::Queue, inbox: Receiver<Completion>) {
+        let qid = queue.qid();
+        if let Err(e) = uring::pin_to_cpu(usize::from(qid)) {
+            log::debug!("relay: queue {qid} runs unpinned: {e}");
+        }
+        if let Err(e) = uring::yield_to_callers() {
+            log::debug!("relay: queue {qid} keeps the normal scheduling policy: {e}");
+        }
+        if let Err(e) = queue.start() {
+            log::error!("relay: starting io_uring queue {qid} failed: {e}");
+            return;
+        }
+        let mut message = Vec::with_capacity(IN_HEADER_LEN + 4096);
+        let mut served_payload = Vec::new();
+        let mut events = Vec::new();
+        let mut gone = false;
+        loop {
+            events.clear();
+            if let Err(e) = queue.wait(&mut events) {
+                log::error!("relay: waiting on io_uring queue {qid} failed: {e}; stopping it");
+                return;
+            }
+            for event in events.drain(..) {
+                match event {
+                    uring::Event::Request(idx) => {
+                        let Some(header) = queue.read_request(idx, &mut message) else {
+                            let unique = queue.unique_of(idx);
+                            log::error!(
+                                "relay: request {unique} in queue {qid} has inconsistent lengths; answering EIO"
+                            );
+                            commit_or_log(&mut queue, idx, unique, -libc::EIO, &[]);
+                            continue;
+                        };
+                        let mut replies = RingReplies {
+                            queue: &mut queue,
+                            idx,
+                        };
+                        // A panic must not take the queue's thread down with it: every
+                        // request later made on this CPU would wait for it forever.
+                        let dispatched = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            self.dispatch(&header, &message, &mut served_payload, &mut replies)
+                        }));
+                        if dispatched.is_err() {
+                            log::error!(
+                                "relay: serving request {} (opcode {}) panicked; answering EIO",
+                                header.unique,
+                                header.opcode
+                            );
+                            self.ring_pending.lock().remove(&header.unique);
+                            if queue.holds_request(idx) {
+                                commit_or_log(&mut queue, idx, header.unique, -libc::EIO, &[]);
+                            }
+                        }
+                    }
+                    uring::Event::Wake => {
+                        while let Ok(done) = inbox.try_recv() {
+                            commit_or_log(
+                                &mut queue,
+                                done.idx,
+                                done.unique,
+                                done.result,
+                                &done.payload,
+                            );
+                        }
+                    }
+                    uring::Event::Failed { errno, .. } if uring::connection_gone(errno) => {
+                        gone = true;
+                    }
+                    uring::Event::Failed {
+                        idx,
+                        errno,
+                        registering: true,
+                    } => {
+                        // The kernel turned io_uring off for this connection and serves it
+                        // through /dev/fuse, which the relay's readers keep reading.
+                        log::warn!(
+                            "relay: the kernel refused io_uring queue {qid} entry {idx} ({}); \
+                             requests go through /dev/fuse",
+                            io::Error::from_raw_os_error(errno)
+                        );
+                    }
+                    uring::Event::Failed { idx, errno, .. } => {
+                        // A refused commit loses the entry in the kernel: register its
+                        // buffers anew so the queue keeps its depth.
+                        log::warn!(
+                            "relay: io_uring queue {qid} entry {idx}: commit refused ({}); re-registering",
+                            io::Error::from_raw_os_error(errno)
+                        );
+                        if let Err(e) = queue.register(idx) {
+                            log::error!("relay: re-registering queue {qid} entry {idx}: {e}");
+                        }
+                    }
+                }
+            }
+            if queue.live() == 0 || (gone && queue.armed() == 0) {
+                log::debug!("relay: io_uring queue {qid} has no entries left; leaving");
+                return;
+            }
+        }
+    }
+
+    /// If request `unique` came from a ring entry and its reply was left for later, hand
+    /// the reply to that queue's thread and return true.
+    fn to_ring(&self, unique: u64, result: i32, payload: &[u8]) -> bool {
+        // Entries are only ever recorded once the rings are active, and that never ends.
+        if !self.ring_active.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(slot) = self.ring_pending.lock().remove(&unique) else {
+            return false;
+        };
+        let Some(mailbox) = self
+            .mailboxes
+            .get()
+            .and_then(|m| m.get(usize::from(slot.queue)))
+        else {
+            return true;
+        };
+        let done = Completion {
+            idx: slot.idx,
+            unique,
+            result: normalize_errno(result),
+            payload: if result == 0 {
+                payload.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        if mailbox.tx.send(done).is_ok() {
+            uring::wake(&mailbox.waker);
+        }
+        true
+    }
+
     fn fail_request(&self, unique: u64) {
         let header = InHeader {
             len: 0,
@@ -687,6 +936,144 @@ impl Shared {
         };
         self.answer(&header, -libc::EIO);
     }
+}
+
+/// Where the reply to a request goes when the thread that read it makes it, and what to
+/// remember when another thread will.
+trait Replies {
+    /// Reply now with `result` (0 or a negative errno) and, on success, `payload`.
+    fn reply(&mut self, shared: &Shared, header: &InHeader, result: i32, payload: &[u8]);
+    /// The reply will be made elsewhere (fuser, a deferred job).
+    fn reply_later(&mut self, shared: &Shared, header: &InHeader);
+    /// The request takes no reply (FORGET).
+    fn no_reply(&mut self, shared: &Shared, header: &InHeader);
+}
+
+/// Requests read from `/dev/fuse`: replies are written to it.
+struct DeviceReplies;
+
+impl Replies for DeviceReplies {
+    fn reply(&mut self, shared: &Shared, header: &InHeader, result: i32, payload: &[u8]) {
+        shared.reply(header, result, payload);
+    }
+
+    fn reply_later(&mut self, _shared: &Shared, _header: &InHeader) {}
+
+    fn no_reply(&mut self, _shared: &Shared, _header: &InHeader) {}
+}
+
+/// Requests that arrived in entry `idx` of a ring queue: the reply is committed through it.
+struct RingReplies<'a> {
+    queue: &'a mut uring::Queue,
+    idx: usize,
+}
+
+impl Replies for RingReplies<'_> {
+    fn reply(&mut self, _shared: &Shared, header: &InHeader, result: i32, payload: &[u8]) {
+        commit_or_log(self.queue, self.idx, header.unique, result, payload);
+    }
+
+    fn reply_later(&mut self, shared: &Shared, header: &InHeader) {
+        // Recorded before the request is handed on, so the reply cannot arrive first.
+        let slot = RingSlot {
+            queue: self.queue.qid(),
+            idx: self.idx,
+        };
+        shared.ring_pending.lock().insert(header.unique, slot);
+    }
+
+    fn no_reply(&mut self, _shared: &Shared, header: &InHeader) {
+        // Only FORGETs take no reply, and the kernel sends those through /dev/fuse. An
+        // entry must be committed to be used again, so if one ever comes, fail it.
+        log::error!(
+            "relay: opcode {} (request {}) came through io_uring without expecting a reply",
+            header.opcode,
+            header.unique
+        );
+        commit_or_log(self.queue, self.idx, header.unique, -libc::EIO, &[]);
+    }
+}
+
+fn commit_or_log(queue: &mut uring::Queue, idx: usize, unique: u64, result: i32, payload: &[u8]) {
+    if let Err(e) = queue.commit(idx, unique, result, payload) {
+        log::error!(
+            "relay: committing the reply to request {unique} on queue {} failed: {e}",
+            queue.qid()
+        );
+    }
+}
+
+/// One mailbox per queue, and the receiving ends for the queues' threads.
+fn mailboxes_for(queues: &[uring::Queue]) -> io::Result<(Vec<Mailbox>, Vec<Receiver<Completion>>)> {
+    let mut mailboxes = Vec::with_capacity(queues.len());
+    let mut inboxes = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        mailboxes.push(Mailbox {
+            tx,
+            waker: queue.waker()?,
+        });
+        inboxes.push(rx);
+    }
+    Ok((mailboxes, inboxes))
+}
+
+/// Where a request read from a ring entry gets its reply.
+#[derive(Debug, Clone, Copy)]
+struct RingSlot {
+    queue: u16,
+    idx: usize,
+}
+
+/// A reply made on another thread, for a queue's thread to commit.
+struct Completion {
+    idx: usize,
+    unique: u64,
+    result: i32,
+    payload: Vec<u8>,
+}
+
+struct Mailbox {
+    tx: Sender<Completion>,
+    waker: OwnedFd,
+}
+
+/// Entries per io_uring queue: requests in hand at once on one CPU, counting the ones
+/// fuser is working on. Each entry's payload buffer is as large as the biggest request or
+/// reply, but only what a request really uses is ever touched.
+const RING_DEPTH: usize = 8;
+
+/// Whether a FUSE_INIT request body (struct fuse_init_in: major, minor, max_readahead,
+/// flags, flags2) offers FUSE_OVER_IO_URING. The kernel offers it only while
+/// `fuse.enable_uring` is on.
+fn init_offers_uring(body: &[u8]) -> bool {
+    let word = |at: usize| {
+        body.get(at..at + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0)
+    };
+    word(12) & FUSE_INIT_EXT != 0 && word(16) & uring::FLAGS2_OVER_IO_URING != 0
+}
+
+/// FUSE_INIT_EXT: the INIT flags continue in `flags2`.
+const FUSE_INIT_EXT: u32 = 1 << 30;
+
+/// Set FUSE_OVER_IO_URING in a successful FUSE_INIT reply (flags at 12 and flags2 at 32
+/// after the out header). Returns false, leaving the reply alone, for an error reply or a
+/// short one.
+fn accept_uring_in_init_reply(msg: &mut [u8]) -> bool {
+    const FLAGS_AT: usize = OUT_HEADER_LEN + 12;
+    const FLAGS2_AT: usize = OUT_HEADER_LEN + 32;
+    if msg.len() < FLAGS2_AT + 4 || i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]) != 0 {
+        return false;
+    }
+    let mut update = |at: usize, bit: u32| {
+        let old = u32::from_ne_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
+        msg[at..at + 4].copy_from_slice(&(old | bit).to_ne_bytes());
+    };
+    update(FLAGS_AT, FUSE_INIT_EXT);
+    update(FLAGS2_AT, uring::FLAGS2_OVER_IO_URING);
+    true
 }
 
 /// Lower `max_write` and `max_pages` in a FUSE_INIT reply to what the relay's
@@ -752,7 +1139,8 @@ impl Relay {
     /// Returns after the device reports ENODEV (unmount/abort) and fuser's
     /// workers acknowledged the synthetic DESTROYs (or a grace period passed).
     pub fn join(self) {
-        for handle in self.threads {
+        let rings = std::mem::take(&mut *self.shared.ring_threads.lock());
+        for handle in self.threads.into_iter().chain(rings) {
             let name = handle.thread().name().unwrap_or("relay").to_string();
             if handle.join().is_err() {
                 log::error!("relay: thread {name} panicked");
@@ -767,7 +1155,9 @@ impl Relay {
 }
 
 /// Start relaying `device` (a mounted `/dev/fuse` descriptor whose INIT has not
-/// been read yet).
+/// been read yet). With `use_uring`, requests move to FUSE-over-io_uring queues after
+/// INIT when the kernel offers it (see [`crate::uring`]); otherwise, or if the queues
+/// cannot be built, everything goes through `/dev/fuse`.
 ///
 /// Returns the relay, fuser's end of the socket (pass it to
 /// `fuser::Session::from_fd` with `Config::n_threads == Some(fuser_threads)` and
@@ -776,6 +1166,7 @@ pub fn start(
     device: OwnedFd,
     fuser_threads: usize,
     local: Arc<dyn LocalAnswer>,
+    use_uring: bool,
 ) -> io::Result<(Relay, OwnedFd, u32)> {
     if !(1..=MAX_FUSER_THREADS).contains(&fuser_threads) {
         return Err(io::Error::new(
@@ -819,6 +1210,15 @@ pub fn start(
         "relay: socket send buffers {relay_sndbuf}/{fuser_sndbuf}; max_write {max_write}, \
          max_pages {max_reply_pages}"
     );
+    let rings = if use_uring {
+        build_queues(
+            device.as_raw_fd(),
+            max_write,
+            usize::from(max_reply_pages) * page,
+        )
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         device,
         socket: relay_end,
@@ -837,6 +1237,12 @@ pub fn start(
         shutdown_at: Mutex::new(None),
         injected: AtomicUsize::new(0),
         injection_done: AtomicBool::new(false),
+        rings_waiting: Mutex::new(rings),
+        uring_offered: AtomicBool::new(false),
+        ring_active: AtomicBool::new(false),
+        ring_pending: Mutex::new(HashMap::new()),
+        mailboxes: OnceLock::new(),
+        ring_threads: Mutex::new(Vec::new()),
         #[cfg(test)]
         seen: std::array::from_fn(|_| AtomicU64::new(0)),
         #[cfg(test)]
@@ -856,6 +1262,50 @@ pub fn start(
         })?);
     }
     Ok((Relay { shared, threads }, fuser_end, max_write_u32))
+}
+
+/// The io_uring queues for a connection, one per possible CPU, or `None` (logged) when the
+/// kernel does not allow io_uring or a queue cannot be built. `reply_room` is the largest
+/// reply the INIT clamp lets the kernel ask for.
+fn build_queues(
+    device: libc::c_int,
+    max_write: usize,
+    reply_room: usize,
+) -> Option<Vec<uring::Queue>> {
+    if !uring::kernel_allows() {
+        log::debug!("relay: fuse.enable_uring is off; requests go through /dev/fuse");
+        return None;
+    }
+    // The kernel wants each payload buffer to hold max(8 KiB, max_write, max_pages pages),
+    // max_pages being capped by fs.fuse.max_pages_limit.
+    let page = page_size();
+    let pages_limit = std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(256);
+    let payload_len = (8192usize)
+        .max(max_write)
+        .max(reply_room.min(pages_limit.saturating_mul(page)));
+    let built = uring::queue_count().and_then(|count| {
+        (0..count)
+            .map(|qid| {
+                let qid = u16::try_from(qid).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{count} CPUs is too many queues"),
+                    )
+                })?;
+                uring::Queue::new(qid, device, RING_DEPTH, payload_len)
+            })
+            .collect::<io::Result<Vec<_>>>()
+    });
+    match built {
+        Ok(queues) => Some(queues),
+        Err(e) => {
+            log::warn!("relay: io_uring off: cannot build the queues: {e}");
+            None
+        }
+    }
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
@@ -1399,7 +1849,7 @@ mod tests {
     impl FakeDevice {
         fn start(local: Arc<dyn LocalAnswer>) -> FakeDevice {
             let (kernel, device) = seqpacket_pair().unwrap();
-            let (relay, fuser, _) = start(device, 2, local).unwrap();
+            let (relay, fuser, _) = start(device, 2, local, false).unwrap();
             FakeDevice {
                 kernel,
                 fuser,
@@ -1843,7 +2293,7 @@ mod tests {
         let mounted = mount(&spec).unwrap();
         let guard = MountGuard(dir.0.clone());
         let (relay, fuser_end, max_write) =
-            start(mounted.into_device(), fuser_threads, local).unwrap();
+            start(mounted.into_device(), fuser_threads, local, false).unwrap();
         let fs = tiny_fs(content, ttl, Some(max_write));
         let (destroyed, content) = (Arc::clone(&fs.destroyed), Arc::clone(&fs.content));
         let (tx, rx) = crossbeam_channel::bounded(1);

@@ -548,6 +548,13 @@ fn eight_threads_on_shared_names_and_lower_files_fuse() {
     hammer("nofuseblk", "hammer_fuse");
 }
 
+/// fuseblk with every request read from /dev/fuse, as when the kernel does not allow
+/// FUSE-over-io_uring (where it does, the default fuseblk test above goes through it).
+#[test]
+fn eight_threads_on_shared_names_and_lower_files_fuseblk_without_io_uring() {
+    hammer("nouring", "hammer_fuseblk_nouring");
+}
+
 /// Listings of a merged directory taken while other threads create, rename and remove
 /// names in it show every name at most once, as on the kernel overlay (whose merged-dir
 /// cache is one consistent list per directory version).

@@ -1049,6 +1049,13 @@ fn kill_9_during_copy_up_rename_unlink_work_fuse() {
     kill_rounds("nofuseblk", "kill_9_fuse");
 }
 
+/// fuseblk reading every request from /dev/fuse (see the io_uring note in README).
+#[test]
+fn kill_9_during_copy_up_rename_unlink_work_fuseblk_without_io_uring() {
+    let _one_at_a_time = killing_alone();
+    kill_rounds("nouring", "kill_9_fuseblk_nouring");
+}
+
 #[test]
 fn kill_9_during_copy_up_rename_unlink_work_fuseblk() {
     let _one_at_a_time = killing_alone();

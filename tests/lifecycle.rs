@@ -293,3 +293,127 @@ fn fuseblk_umount_never_hangs() {
         m.unmount();
     }
 }
+
+/// Turns the fuse module's `enable_uring` on for the test (if the kernel has it) and puts
+/// the old value back at the end. Connections keep what they negotiated at INIT, so other
+/// tests mounting meanwhile work either way.
+struct UringEnabled {
+    before: Option<String>,
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+impl UringEnabled {
+    /// `None` if this kernel has no FUSE-over-io_uring.
+    fn new() -> Option<UringEnabled> {
+        let before = fs::read_to_string(ENABLE_URING).ok()?.trim().to_string();
+        if before != "Y" {
+            fs::write(ENABLE_URING, "Y").expect("turn fuse.enable_uring on");
+            return Some(UringEnabled {
+                before: Some(before),
+            });
+        }
+        Some(UringEnabled { before: None })
+    }
+}
+
+impl Drop for UringEnabled {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = fs::write(ENABLE_URING, before);
+        }
+    }
+}
+
+/// Completions the daemon's io_uring instances have posted, from their `CqTail` in
+/// /proc/PID/fdinfo, and how many instances it has.
+fn uring_completions(pid: i32) -> (u64, usize) {
+    let mut total = 0u64;
+    let mut rings = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_ring = fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().contains("io_uring"));
+        if !is_ring {
+            continue;
+        }
+        let fd = entry.file_name();
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+            .unwrap_or_default();
+        if let Some(tail) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("CqTail:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            total += tail;
+            rings += 1;
+        }
+    }
+    (total, rings)
+}
+
+fn stat_missing_names(m: &Mounted, tag: &str, count: usize) {
+    for i in 0..count {
+        let err = fs::metadata(m.p(&format!("{tag}-{i}"))).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    }
+}
+
+/// On fuseblk the daemon takes requests through FUSE-over-io_uring when the kernel allows
+/// it: one ring per possible CPU, and each lookup of a new name is a completion on one of
+/// them. The union still works as before, syncfs included.
+#[test]
+fn fuseblk_serves_requests_through_io_uring() {
+    let Some(_enabled) = UringEnabled::new() else {
+        eprintln!("skipped: this kernel has no FUSE-over-io_uring");
+        return;
+    };
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "");
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    let possible = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let queues = possible
+        .trim()
+        .split(',')
+        .filter_map(|part| part.rsplit('-').next()?.parse::<usize>().ok())
+        .max()
+        .unwrap()
+        + 1;
+
+    let (before, rings) = uring_completions(pid);
+    assert_eq!(rings, queues, "one io_uring per possible CPU");
+    stat_missing_names(&m, "absent", 200);
+    let (after, _) = uring_completions(pid);
+    assert!(
+        after >= before + 200,
+        "200 lookups of new names made {} io_uring completions",
+        after - before
+    );
+    assert_eq!(read_issue(&m), "top\n");
+    fs::write(m.p("new"), b"data").unwrap();
+    let dir = fs::File::open(m.path()).unwrap();
+    // SAFETY: syncfs on a descriptor we own.
+    assert_eq!(
+        unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) },
+        0
+    );
+    assert_eq!(fs::read(m.p("new")).unwrap(), b"data");
+}
+
+/// `nouring` keeps every request on `/dev/fuse` reads, whatever the kernel allows.
+#[test]
+fn nouring_reads_requests_from_the_device() {
+    let Some(_enabled) = UringEnabled::new() else {
+        eprintln!("skipped: this kernel has no FUSE-over-io_uring");
+        return;
+    };
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "nouring");
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert_eq!(uring_completions(pid), (0, 0), "no io_uring instance");
+    stat_missing_names(&m, "absent", 20);
+    assert_eq!(read_issue(&m), "top\n");
+}

@@ -1295,7 +1295,7 @@ fn isatty_is_enotty_and_missing_names_appear_once_made() {
     if testing_kernel_instead() {
         return;
     }
-    for transport in ["", "nofuseblk"] {
+    for transport in ["", "nouring", "nofuseblk"] {
         let (_s, l) = setup();
         l.lower(0).write_file("lf", b"lower\n", 0o644);
         let m = mount_ovlfuse(&l, transport);
@@ -1333,7 +1333,7 @@ fn listing_read_again_after_a_page_cache_drop_keeps_every_name_and_inode() {
     if testing_kernel_instead() {
         return;
     }
-    for transport in ["", "nofuseblk"] {
+    for transport in ["", "nouring", "nofuseblk"] {
         let (_s, l) = setup();
         for i in 0..300 {
             l.lower(0).write_file(&format!("d/f{i:03}"), b"x", 0o644);

@@ -106,7 +106,9 @@ impl Rng {
 
 /// The connection to the daemon is gone (it died, or the mount was aborted).
 pub fn is_conn_error(errno: i32) -> bool {
-    matches!(errno, libc::ENOTCONN | libc::ECONNABORTED)
+    // ECANCELED: through FUSE-over-io_uring, a call the kernel was handing to the dead
+    // daemon's ring when it died.
+    matches!(errno, libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
 }
 
 // ---------------------------------------------------------------------------
