@@ -688,6 +688,7 @@ def cmd_report(raw, results):
 - every run: a fresh mount with an empty upper and work directory; the native subject runs read workloads on the lower tree itself and write workloads in a new directory of the same ext4 holding a copy of the inputs they need (copied before the clock starts)
 - mount options: kernel overlay `lowerdir,upperdir,workdir` only; fuse-overlayfs the same; ovlfuse the same{(' + `' + E['BENCH_OVLFUSE_OPTS'] + '`') if E['BENCH_OVLFUSE_OPTS'] else ''} (defaults: threads = CPU count, timeout=1); "plain" adds `nofuseblk`
 - daemon RLIMIT_NOFILE: {E['BENCH_NOFILE_NOTE']}
+- FUSE transport: {E.get('BENCH_URING_NOTE', 'not recorded')} (with Y, fuseblk ovlfuse takes requests through FUSE-over-io_uring; plain fuse reads `/dev/fuse`)
 {E['BENCH_EXTRA_NOTES']}
 ## Wall time (seconds): median (min–max) over the rounds
 

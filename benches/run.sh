@@ -39,6 +39,9 @@
 #   OVLFUSE_BENCH_SESSIONS     [names stat seqread randread seqwrite randwrite append touch
 #                               create untar git python]   (space-separated subsets allowed)
 #   OVLFUSE_BENCH_OVLFUSE_OPTS []            extra mount options for both ovlfuse subjects
+#   OVLFUSE_BENCH_URING        [on]          on: set the fuse module's enable_uring to Y for the
+#                                          run (put back at exit), so fuseblk ovlfuse serves
+#                                          requests through io_uring; keep: leave it as it is
 #   OVLFUSE_BENCH_COLD         [auto]        how the cold workloads start cold:
 #                                 drop     `echo 3 > /proc/sys/vm/drop_caches` (waits as long
 #                                          as it takes)
@@ -91,6 +94,9 @@ TIMEOUT=${OVLFUSE_BENCH_TIMEOUT:-$(q 600 120)}
 SUBJECTS=(${OVLFUSE_BENCH_SUBJECTS:-native kernel fo1 ovlfuse ovlfuse-plain})
 SESSIONS=(${OVLFUSE_BENCH_SESSIONS:-names stat seqread randread seqwrite randwrite append touch create untar git python})
 OVL_OPTS=${OVLFUSE_BENCH_OVLFUSE_OPTS:-}
+URING=${OVLFUSE_BENCH_URING:-on}
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_BEFORE=""
 COLD=${OVLFUSE_BENCH_COLD:-auto}
 DROP_WAIT=${OVLFUSE_BENCH_DROP_WAIT:-15}
 TMPBASE=${OVLFUSE_BENCH_TMP:-/tmp}
@@ -105,6 +111,7 @@ for v in FIO_SIZE RANDREAD_IO RANDWRITE_FILE RANDWRITE_IO APPEND_SIZE; do
     [[ ${!v} =~ ^[1-9][0-9]*[kmg]$ ]] || die "OVLFUSE_BENCH_$v must look like 256m or 1g (got '${!v}')"
 done
 [[ $COLD =~ ^(auto|drop|remount)$ ]] || die "OVLFUSE_BENCH_COLD must be auto, drop or remount"
+[[ $URING =~ ^(on|keep)$ ]] || die "OVLFUSE_BENCH_URING must be on or keep"
 for s in "${SUBJECTS[@]}"; do
     [[ $s =~ ^(native|kernel|fo1|ovlfuse|ovlfuse-plain)$ ]] || die "unknown subject '$s'"
 done
@@ -247,6 +254,7 @@ cleanup() {
         kill -0 "$p" 2>/dev/null && { echo "run.sh: LEFTOVER DAEMON $p" >&2; left=1; }
     done
     [[ $left == 0 ]] && log "cleanup: no mount, loop device or daemon of ours left"
+    [[ -n $URING_BEFORE ]] && echo "$URING_BEFORE" > "$URING_PARAM"
     for p in "${STUCK_DROPPERS[@]}"; do
         kill -0 "$p" 2>/dev/null && log "note: our 'echo 3 > drop_caches' (pid $p) is still \
 blocked in the kernel behind another filesystem; it ends by itself when that umount does"
@@ -256,6 +264,16 @@ blocked in the kernel behind another filesystem; it ends by itself when that umo
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if [[ $URING == on ]]; then
+    if [[ -w $URING_PARAM ]]; then
+        URING_BEFORE=$(cat "$URING_PARAM")
+        echo Y > "$URING_PARAM"
+    else
+        log "note: this kernel has no $URING_PARAM; ovlfuse reads requests from /dev/fuse"
+    fi
+fi
+URING_NOTE="fuse.enable_uring=$(cat "$URING_PARAM" 2>/dev/null || echo absent)"
 
 BIN="$SCRATCH/ovlfuse"
 cp "$BIN_SRC" "$BIN"
@@ -616,5 +634,5 @@ alone makes about 1-3 on this machine)" \
     BENCH_MODE="$( [[ $QUICK == 1 ]] && echo 'quick (OVLFUSE_BENCH_QUICK=1)' || echo full)" \
     BENCH_ROUNDS="$ROUNDS" BENCH_IMAGE_NOTE="$IMAGE_NOTE" BENCH_LOWER_SRC="$LOWER_SRC" \
     BENCH_LOWER_MIB="$LOWER_MIB" BENCH_COLD_NOTE="$COLD_NOTE" BENCH_OVLFUSE_OPTS="$OVL_OPTS" \
-    BENCH_NOFILE_NOTE="$NOFILE_NOTE"
+    BENCH_NOFILE_NOTE="$NOFILE_NOTE" BENCH_URING_NOTE="$URING_NOTE"
 "$PY" "$HELPER" report "$RAW" "$RESULTS"
