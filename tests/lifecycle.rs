@@ -358,20 +358,31 @@ fn stat_missing_names(m: &Mounted, tag: &str, count: usize) {
     }
 }
 
+/// A fuseblk mount made with `opts` while the kernel allows FUSE-over-io_uring, and its
+/// daemon's pid; `None` (the test is skipped) on a kernel without it. Bind the tuple in
+/// this order: bindings drop last first, so the mount goes before its scratch directory,
+/// and both before the setting is put back.
+fn fuseblk_mount_with_uring_allowed(opts: &str) -> Option<(UringEnabled, Scratch, Mounted, i32)> {
+    let Some(enabled) = UringEnabled::new() else {
+        eprintln!("skipped: this kernel has no FUSE-over-io_uring");
+        return None;
+    };
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, opts);
+    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    Some((enabled, s, m, pid))
+}
+
 /// On fuseblk the daemon takes requests through FUSE-over-io_uring when the kernel allows
 /// it: one ring per possible CPU, and each lookup of a new name is a completion on one of
 /// them. The union still works as before, syncfs included.
 #[test]
 fn fuseblk_serves_requests_through_io_uring() {
-    let Some(_enabled) = UringEnabled::new() else {
-        eprintln!("skipped: this kernel has no FUSE-over-io_uring");
+    let Some((_enabled, _s, m, pid)) = fuseblk_mount_with_uring_allowed("") else {
         return;
     };
-    let s = Scratch::new();
-    let l = layers_with_file(&s);
-    let m = mount_ovlfuse(&l, "");
-    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
-    let pid = m.daemon_pid().expect("daemon pid");
     let possible = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let queues = possible
         .trim()
@@ -404,15 +415,9 @@ fn fuseblk_serves_requests_through_io_uring() {
 /// `nouring` keeps every request on `/dev/fuse` reads, whatever the kernel allows.
 #[test]
 fn nouring_reads_requests_from_the_device() {
-    let Some(_enabled) = UringEnabled::new() else {
-        eprintln!("skipped: this kernel has no FUSE-over-io_uring");
+    let Some((_enabled, _s, m, pid)) = fuseblk_mount_with_uring_allowed("nouring") else {
         return;
     };
-    let s = Scratch::new();
-    let l = layers_with_file(&s);
-    let m = mount_ovlfuse(&l, "nouring");
-    assert_eq!(fstype_of(m.path()).as_deref(), Some("fuseblk.ovlfuse"));
-    let pid = m.daemon_pid().expect("daemon pid");
     assert_eq!(uring_completions(pid), (0, 0), "no io_uring instance");
     stat_missing_names(&m, "absent", 20);
     assert_eq!(read_issue(&m), "top\n");
