@@ -175,7 +175,8 @@ fn expects_reply(opcode: u32) -> bool {
 /// for opcodes fuser cannot parse at all (FUSE_SYNCFS must get a real result), to
 /// override one, or to serve the hottest ones without the trip through fuser.
 ///
-/// Every method runs on an inbound relay thread, which reads no other request
+/// Every method runs on the relay thread that read the request (an inbound thread, or an
+/// io_uring queue's thread, which serves every request of its CPU), which reads no other request
 /// meanwhile. None may touch the mounted tree (that would send a request to
 /// ourselves and deadlock the relay), or wait for anything that needs another
 /// FUSE request answered first.
@@ -213,7 +214,7 @@ pub trait LocalAnswer: Send + Sync {
         None
     }
 
-    /// Runs on the inbound thread when FUSE_DESTROY arrives, before it goes to fuser. On a
+    /// Runs on the reading thread when FUSE_DESTROY arrives, before it goes to fuser. On a
     /// fuseblk mount umount waits for that reply, so work done here (flushing the upper
     /// layer) is finished by the time umount returns.
     fn before_destroy(&self) {}
