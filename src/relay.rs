@@ -806,12 +806,23 @@ impl Shared {
         let mut served_payload = Vec::new();
         let mut events = Vec::new();
         let mut gone = false;
+        let mut failing = false;
         loop {
             events.clear();
             if let Err(e) = queue.wait(&mut events) {
-                log::error!("relay: waiting on io_uring queue {qid} failed: {e}; stopping it");
-                return;
+                // Leaving would strand every request made on this CPU from now on; a
+                // failure that passes (ENOMEM) lets the queue go on.
+                if !failing {
+                    log::error!("relay: waiting on io_uring queue {qid} failed: {e}; retrying");
+                }
+                failing = true;
+                if self.shutdown_started.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
+            failing = false;
             for event in events.drain(..) {
                 match event {
                     uring::Event::Request(idx) => {
