@@ -548,8 +548,9 @@ impl Shared {
     }
 
     /// Reply to a request with `result` (0 or a negative errno) and, on success,
-    /// `payload`: header and payload in one write, as the kernel requires. Requests
-    /// that expect no reply get none.
+    /// `payload`: header and payload in one write, as the kernel requires, or through its
+    /// io_uring queue if it came from one and was left for later. Requests that expect no
+    /// reply get none.
     fn reply(&self, header: &InHeader, result: i32, payload: &[u8]) {
         if !expects_reply(header.opcode) {
             return;
@@ -923,11 +924,8 @@ impl Shared {
             idx: slot.idx,
             unique,
             result: normalize_errno(result),
-            payload: if result == 0 {
-                payload.to_vec()
-            } else {
-                Vec::new()
-            },
+            // An error reply's payload is dropped by the commit, as by a device write.
+            payload: payload.to_vec(),
         };
         if mailbox.tx.send(done).is_ok() {
             uring::wake(&mailbox.waker);

@@ -369,7 +369,7 @@ impl Queue {
     /// The unique of the request in entry `idx`, for failing a request whose lengths do not
     /// add up.
     pub fn unique_of(&self, idx: usize) -> u64 {
-        u64::from_ne_bytes(self.entries[idx].header[8..16].try_into().unwrap_or([0; 8]))
+        InHeader::parse(&self.entries[idx].header[..IN_HEADER_LEN]).map_or(0, |h| h.unique)
     }
 
     /// Hand the reply to request `unique` back through entry `idx` and re-arm the entry:
