@@ -989,13 +989,15 @@ impl Core {
     ) -> Result<Created, Errno> {
         self.gate()?;
         let dir = self.node(INodeNo(parent))?;
-        let resolved = self
+        let (resolved, file) = self
             .union
-            .create(&dir, name, NewObject::File, mode, self.creator(uid, gid))
-            .map_err(errno)?;
-        let file = resolved
-            .obj
-            .reopen(real_open_flags(flags) & !libc::O_TRUNC)
+            .create_open(
+                &dir,
+                name,
+                mode,
+                self.creator(uid, gid),
+                real_open_flags(flags) & !libc::O_TRUNC,
+            )
             .map_err(errno)?;
         let Known { attr, node } = self.remember(&dir, name, resolved)?;
         node.name_unsynced.store(true, Ordering::Release);

@@ -4,7 +4,8 @@
 //! checks the layer directories; `whiteout` recognises whiteouts and opaque directories;
 //! `lookup` resolves a name across layers; `readdir` merges listings; `inodes` keeps the FUSE
 //! inode table; `handles` bounds the descriptors held on layer objects (file handles past a
-//! budget); `copy_up` moves one object to the upper layer atomically; `namespace` makes
+//! budget); `copy_up` moves one object to the upper layer atomically; `creds` makes a thread act as the
+//! caller while it makes an object in place; `namespace` makes
 //! every change to the union (create, unlink, rmdir, rename, link, copy-up order); `attrs`
 //! applies SETATTR; `idmap` translates owner ids (uidmapping, squash); `xattr` decides which attributes users see; `fs` is the thin fuser adapter;
 //! `mount` and `relay` attach the FUSE connection; `daemon` runs the process lifecycle;
@@ -20,6 +21,7 @@
 pub mod attrs;
 pub mod canary;
 pub mod copy_up;
+pub mod creds;
 pub mod daemon;
 pub mod demo;
 pub mod errseq;

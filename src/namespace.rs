@@ -3,8 +3,10 @@
 //! Owns: copy-up orchestration (a node and, first, its parent directories move to the upper
 //! layer), and create, unlink, rmdir, rename and link with the kernel overlay's on-disk
 //! results — whiteouts (character device 0/0) where a lower layer still has the name, opaque
-//! directories where a new or moved directory lands on a name a lower layer has, and objects
-//! staged in `workdir/work` then renamed into place so no half-made object is ever visible.
+//! directories where a new or moved directory lands on a name a lower layer has, new objects
+//! made in place as their creator (`creds`: owner and mode from the one call that makes them)
+//! or, over a whiteout, staged in `workdir/work` and swapped into place, so no half-made object
+//! is ever visible.
 //! Must never: touch a lower layer, or reach anything but single components under held
 //! handles.
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::copy_up::{self, CopyUpOptions};
+use crate::creds;
 use crate::inodes::{InodeTable, Node, NodeState};
 use crate::layers::LayerStack;
 use crate::lookup::{self, LayerDir, Resolved};
@@ -226,6 +229,41 @@ impl Union {
         mode: u32,
         creator: Creator,
     ) -> io::Result<Resolved> {
+        Ok(self
+            .make_visible(parent, name, what, mode, creator, None)?
+            .0)
+    }
+
+    /// Creates the regular file `name` in `parent` and opens it with `flags` (open(2) flags
+    /// without O_CREAT, O_EXCL and O_TRUNC): what the name now resolves to, and the open file.
+    pub fn create_open(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        mode: u32,
+        creator: Creator,
+        flags: i32,
+    ) -> io::Result<(Resolved, OwnedFd)> {
+        let (resolved, file) =
+            self.make_visible(parent, name, NewObject::File, mode, creator, Some(flags))?;
+        let file = match file {
+            Some(file) => file,
+            None => resolved.obj.reopen(flags)?,
+        };
+        Ok((resolved, file))
+    }
+
+    /// Creates `name` in `parent`, opened with `open` if given and made in place (else the
+    /// caller opens it).
+    fn make_visible(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        what: NewObject<'_>,
+        mode: u32,
+        creator: Creator,
+        open: Option<i32>,
+    ) -> io::Result<(Resolved, Option<OwnedFd>)> {
         self.require_upper()?;
         // A `.wh.` name would act as an AUFS whiteout in this union, not as a file.
         if whiteout::classify(name) != whiteout::NameKind::Visible {
@@ -241,15 +279,46 @@ impl Union {
         }
         let upper = self.upper_dir(parent)?;
         let cname = sys::component(name)?;
+        // Where nothing has the name in the upper layer, the object is made in place with
+        // the caller's owner, as the kernel overlay does, and needs no lookup afterwards:
+        // nothing below can show through a new object that is not a directory, and no lower
+        // layer has the name for a directory to merge with (resolved above).
+        let over_whiteout = match make_in_place(upper.as_fd(), &cname, what, mode, creator, open) {
+            Ok(Some((obj, stat, file))) => {
+                let obj = self.stack.adopt(0, obj);
+                let merged = if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    vec![LayerDir {
+                        layer: 0,
+                        obj: obj.clone(),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                let resolved = Resolved {
+                    layer: 0,
+                    obj,
+                    stat,
+                    merged,
+                };
+                return Ok((resolved, file));
+            }
+            // This thread cannot act as the caller: staged below.
+            Ok(None) => is_whiteout_at(upper.as_fd(), &cname)?,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                if !is_whiteout_at(upper.as_fd(), &cname)? {
+                    return Err(e);
+                }
+                true
+            }
+            Err(e) => return Err(e),
+        };
         let (gid, mode) = inherit_group(upper.as_fd(), creator.gid, mode, &what)?;
-        let over_whiteout =
-            sys::stat_at(upper.as_fd(), &cname)?.is_some_and(|st| whiteout::is_whiteout(&st));
+        let work = self.stack.work()?;
+        let tmp = copy_up::temp_name();
+        make(work, &tmp, what, mode, creator.uid, gid)?;
         if over_whiteout {
             // Build it aside, then swap it with the whiteout in one rename, like the kernel:
             // a directory made where a lower one was deleted must hide the lower contents.
-            let work = self.stack.work()?;
-            let tmp = copy_up::temp_name();
-            make(work, &tmp, what, mode, creator.uid, gid)?;
             let placed = (|| {
                 if matches!(what, NewObject::Dir) {
                     self.set_opaque(work, &tmp)?;
@@ -264,12 +333,10 @@ impl Union {
                 }
             }
         } else {
-            // Built aside too, owner and mode set there, then renamed into place: a daemon
-            // killed half-way leaves a leftover in the work dir (removed at the next mount),
-            // never an object with the staging mode or owner under the user's name.
-            let work = self.stack.work()?;
-            let tmp = copy_up::temp_name();
-            make(work, &tmp, what, mode, creator.uid, gid)?;
+            // A thread that cannot act as the caller builds it aside too, owner and mode set
+            // there, then renames it into place: a daemon killed half-way leaves a leftover in
+            // the work dir (removed at the next mount), never an object with the staging mode
+            // or owner under the user's name.
             if let Err(e) =
                 sys::rename_at(work, &tmp, upper.as_fd(), &cname, libc::RENAME_NOREPLACE)
             {
@@ -277,7 +344,8 @@ impl Union {
                 return Err(e);
             }
         }
-        self.resolve(parent, name)?.ok_or_else(|| err(libc::EIO))
+        let resolved = self.resolve(parent, name)?.ok_or_else(|| err(libc::EIO))?;
+        Ok((resolved, None))
     }
 
     /// Removes the non-directory `name` from `parent`.
@@ -745,6 +813,71 @@ fn inherit_group(
         mode
     };
     Ok((st.st_gid, mode))
+}
+
+/// Whether `name` in the upper directory `dir` is a whiteout.
+fn is_whiteout_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    Ok(sys::stat_at(dir, name)?.is_some_and(|st| whiteout::is_whiteout(&st)))
+}
+
+/// Makes `name` in the upper directory `dir` as the caller (`creator`), opening a regular
+/// file with `open` if given: its `O_PATH` descriptor, attributes and open file. `Ok(None)`
+/// if this thread cannot act as the caller; EEXIST if anything (a whiteout, say) has the name.
+fn make_in_place(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    what: NewObject<'_>,
+    mode: u32,
+    creator: Creator,
+    open: Option<i32>,
+) -> io::Result<Option<(OwnedFd, libc::stat, Option<OwnedFd>)>> {
+    let Some(acting) = creds::act_as(creator.uid, creator.gid) else {
+        return Ok(None);
+    };
+    let perm = mode & 0o7777;
+    let mut file = None;
+    match what {
+        NewObject::File => match open {
+            Some(flags) => file = Some(sys::create_open_at(dir, name, flags, perm)?),
+            None => sys::mknod_at(dir, name, libc::S_IFREG | perm, 0)?,
+        },
+        NewObject::Dir => sys::mkdir_at(dir, name, perm)?,
+        NewObject::Node { rdev } => sys::mknod_at(dir, name, mode, rdev)?,
+        NewObject::Symlink { target } => {
+            let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
+            sys::symlink_at(&target, dir, name)?;
+        }
+    }
+    drop(acting);
+    let finished = (|| {
+        let obj = sys::open_path_at(dir, name)?;
+        let mut stat = sys::stat_fd(obj.as_fd())?;
+        if !matches!(what, NewObject::Symlink { .. }) {
+            // The upper filesystem may have narrowed the mode (a default ACL of the upper
+            // directory) or, for a directory, added set-group-ID after its parent's, as every
+            // filesystem does: the rest is set to what the caller asked for.
+            let is_dir = matches!(what, NewObject::Dir);
+            let inherited = if is_dir {
+                stat.st_mode & libc::S_ISGID
+            } else {
+                0
+            };
+            let want = perm | inherited;
+            if stat.st_mode & 0o7777 != want {
+                sys::chmod_fd(obj.as_fd(), want)?;
+                stat.st_mode = (stat.st_mode & libc::S_IFMT) | want;
+            }
+        }
+        Ok((obj, stat))
+    })();
+    match finished {
+        Ok((obj, stat)) => Ok(Some((obj, stat, file))),
+        Err(e) => {
+            drop(file);
+            let _ = sys::remove_tree(dir, name);
+            Err(e)
+        }
+    }
 }
 
 /// Creates one object under `dir` with exact owner and mode (the daemon runs with umask 0;

@@ -398,6 +398,89 @@ pub fn chown_open_fd(fd: BorrowedFd<'_>, uid: libc::uid_t, gid: libc::gid_t) -> 
 }
 
 /// `fchmod` of a descriptor opened for I/O (on an `O_PATH` one it fails with EBADF).
+/// `openat(dir, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)`: a new file,
+/// opened with `flags`; fails with EEXIST if anything has the name.
+pub fn create_open_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    let flags = flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: valid fd and NUL-terminated name; mode is passed because O_CREAT is set.
+    let fd =
+        cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })?;
+    // SAFETY: fd was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The calling thread's fsuid and fsgid (asked with an id the kernel refuses, which changes
+/// nothing and returns the current one).
+pub fn fs_ids() -> (u32, u32) {
+    // SAFETY: plain system calls on the calling thread's credentials.
+    unsafe {
+        (
+            libc::setfsuid(u32::MAX) as u32,
+            libc::setfsgid(u32::MAX) as u32,
+        )
+    }
+}
+
+/// Sets the calling thread's fsuid and fsgid (and nothing else: the syscalls act on the
+/// thread, not the process). Fails with EPERM if either is refused (e.g. an id that is not
+/// mapped in the daemon's user namespace); nothing is changed then.
+pub fn set_fs_ids(uid: u32, gid: u32) -> io::Result<()> {
+    let (old_uid, old_gid) = fs_ids();
+    // SAFETY: as in `fs_ids`. setfsgid/setfsuid report the old id even when they fail, so
+    // success is read back.
+    unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+    }
+    if fs_ids() == (uid, gid) {
+        return Ok(());
+    }
+    // SAFETY: as above, putting back what was there.
+    unsafe {
+        libc::setfsuid(old_uid);
+        libc::setfsgid(old_gid);
+    }
+    Err(io::Error::from_raw_os_error(libc::EPERM))
+}
+
+/// Sets the calling thread's fsuid and fsgid back to ids it had (always allowed).
+pub fn restore_fs_ids(uid: u32, gid: u32) {
+    // SAFETY: as in `fs_ids`.
+    unsafe {
+        libc::setfsuid(uid);
+        libc::setfsgid(gid);
+    }
+}
+
+/// `SECBIT_NO_SETUID_FIXUP` (linux/securebits.h): changing the fsuid keeps the capabilities.
+const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+
+/// Turns on `SECBIT_NO_SETUID_FIXUP` for the calling thread, so that an fsuid other than 0
+/// does not drop CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID and the other file capabilities
+/// (needs CAP_SETPCAP).
+pub fn keep_caps_across_fsuid() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments on the calling thread.
+    let bits = cvt(unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) })? as libc::c_ulong;
+    if bits & SECBIT_NO_SETUID_FIXUP != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            bits | SECBIT_NO_SETUID_FIXUP,
+            0,
+            0,
+            0,
+        )
+    })
+}
+
 pub fn chmod_open_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: valid fd.
     check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })

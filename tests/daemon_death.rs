@@ -1260,37 +1260,62 @@ fn kill_inside_copy_up_leaves_the_lower_object_and_a_clean_work_dir() {
     }
 }
 
-/// A new directory or file must appear whole or not at all: a daemon killed after making
-/// the object but before giving it its owner and mode (here at that `fchmodat`) must not
-/// leave a directory with mode 0700 where mkdir asked for 0755, or a file with 0600 where
-/// open(O_CREAT) asked for 0644. ovlfuse builds the object in the work dir and renames it
-/// into place, as the kernel overlay does over a whiteout.
+/// A new directory or file must appear whole or not at all. Made in place as the caller (a
+/// user other than root here), it has its owner and mode from the system call that makes it:
+/// a daemon killed right after (at the `setfsuid(0)` that ends acting as the caller) leaves
+/// it whole or not there. Made over a whiteout, it is built in the work dir and swapped into
+/// place, as the kernel overlay does: a daemon killed while it gets its mode there (at that
+/// `fchmodat`) must not leave a directory with mode 0700 where mkdir asked for 0755.
 #[test]
-fn kill_between_creating_and_chmodding_a_new_object_leaves_nothing_or_the_whole_object() {
+fn kill_while_making_a_new_object_leaves_nothing_or_the_whole_object() {
     let _one_at_a_time = killing_alone();
-    // SAFETY: only this process's file-creation mask.
-    unsafe { libc::umask(0o022) };
     let s = Scratch::new();
     let l = s.layers(1, true);
     l.lower(0).write_file("lower", b"x", 0o644);
+    l.up().whiteout("lower");
+    // The user may create in the union's root.
+    fs::set_permissions(l.up().path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let user = 4321;
     let mut problems = Vec::new();
-    for (name, mkdir) in [("newdir", true), ("newfile", false)] {
-        let m = mount_dying_at_fchmodat(&l, "nofuseblk");
+    for (name, mkdir, as_user) in [
+        ("newdir", true, true),
+        ("newfile", false, true),
+        ("lower", true, false),
+    ] {
+        let die = if as_user {
+            die_at_first_setfsuid_root
+        } else {
+            die_at_first_fchmodat
+        };
+        let m = mount_dying(&l, "nofuseblk", die);
         let pid = m.daemon_pid().expect("daemon pid");
         let p = m.p(name);
-        let r = with_timeout(30, move || {
-            if mkdir {
-                fs::create_dir(&p)
-            } else {
-                fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o644)
-                    .open(&p)
-                    .map(drop)
-            }
-        });
-        assert!(r.is_err(), "the daemon dies while creating {name}");
+        let make = if mkdir {
+            format!("umask 022; mkdir '{}'", p.display())
+        } else {
+            format!("umask 022; : > '{}'", p.display())
+        };
+        let mut argv: Vec<String> = Vec::new();
+        if as_user {
+            argv.extend(
+                [
+                    "setpriv",
+                    "--reuid",
+                    "4321",
+                    "--regid",
+                    "4321",
+                    "--clear-groups",
+                ]
+                .map(String::from),
+            );
+        }
+        argv.extend(["sh".to_string(), "-c".to_string(), make]);
+        let out = run_argv(&argv, Duration::from_secs(30));
+        assert!(
+            !out.ok(),
+            "the daemon dies while creating {name}: {}",
+            out.stderr
+        );
         assert!(wait_dead(pid), "the daemon did not die");
         drop(m);
         let m = mount_ovlfuse(&l, "nofuseblk");
@@ -1304,6 +1329,14 @@ fn kill_between_creating_and_chmodding_a_new_object_leaves_nothing_or_the_whole_
                     problems.push(format!(
                         "{name}: mode {:04o} after the kill (asked for {want:04o})",
                         md.mode() & 0o7777
+                    ));
+                }
+                let owner = if as_user { user } else { 0 };
+                if (md.uid(), md.gid()) != (owner, owner) {
+                    problems.push(format!(
+                        "{name}: owner {}:{} after the kill (made by {owner})",
+                        md.uid(),
+                        md.gid()
                     ));
                 }
             }

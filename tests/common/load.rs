@@ -353,7 +353,8 @@ fn install_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
 /// A `pre_exec` hook for a daemon that must die at a known point: the process (and what it
 /// forks) is killed by the kernel — like `kill -9`, it runs no further instruction — at its
 /// first `fchmodat`, `chmod` or `fchmod`. ovlfuse calls them only right after creating an object: the temporary
-/// copy of a copy-up in `workdir/work`, or a new file or directory. (Mounting calls none.)
+/// copy of a copy-up in `workdir/work`, or a new object staged there (over a whiteout).
+/// (Mounting calls none.)
 pub fn die_at_first_fchmodat() -> std::io::Result<()> {
     install_filter(&[
         stmt(LD_W_ABS, 4), // seccomp_data.arch
@@ -367,6 +368,23 @@ pub fn die_at_first_fchmodat() -> std::io::Result<()> {
         jump(JEQ_K, libc::SYS_fchmodat2 as u32, 3, 0),
         jump(JEQ_K, libc::SYS_chmod as u32, 2, 0),
         jump(JEQ_K, libc::SYS_fchmod as u32, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
+    ])
+}
+
+/// Like [`die_at_first_fchmodat`], at the first `setfsuid(0)`: a thread that made an object
+/// in place as a caller other than root goes back to root's fsuid first thing after. (The
+/// daemon reads its own fsuid with `setfsuid(-1)`, which does not match.)
+pub fn die_at_first_setfsuid_root() -> std::io::Result<()> {
+    install_filter(&[
+        stmt(LD_W_ABS, 4), // seccomp_data.arch
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(LD_W_ABS, 0), // seccomp_data.nr
+        jump(JEQ_K, libc::SYS_setfsuid as u32, 0, 2),
+        stmt(LD_W_ABS, 16), // low half of args[0], the uid
+        jump(JEQ_K, 0, 1, 0),
         stmt(RET_K, libc::SECCOMP_RET_ALLOW),
         stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
     ])
