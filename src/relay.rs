@@ -371,7 +371,11 @@ impl Shared {
         // Payloads of served requests; keeps its capacity from one request to the next.
         let mut served_payload = Vec::new();
         loop {
-            let n = match read_request(self.device.as_fd(), &mut buf) {
+            // With io_uring active the device brings only FORGETs and INTERRUPTs, which no
+            // caller waits for: spinning for them would only burn the CPU the callers need
+            // (an rm -rf sends a FORGET per file).
+            let spin = !self.ring_active.load(Ordering::Relaxed);
+            let n = match read_request(self.device.as_fd(), &mut buf, spin) {
                 // /dev/fuse never reads 0 bytes; a descriptor that does (a socket standing
                 // in for it) has no more requests to give.
                 Ok(0) => {
@@ -1457,10 +1461,10 @@ pub(crate) fn set_receive_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::
 const SPIN: Duration = Duration::from_micros(SPIN_MICROS);
 const SPIN_MICROS: u64 = 30;
 
-/// Reads the next request from the (non-blocking) device: tries for [`SPIN`], then sleeps
-/// in poll(2) until one is there.
-fn read_request(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    let spin_until = Instant::now() + SPIN;
+/// Reads the next request from the (non-blocking) device: tries for [`SPIN`] if `spin`,
+/// then sleeps in poll(2) until one is there.
+fn read_request(fd: BorrowedFd<'_>, buf: &mut [u8], spin: bool) -> io::Result<usize> {
+    let spin_until = Instant::now() + if spin { SPIN } else { Duration::ZERO };
     loop {
         match read_fd(fd, buf) {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
