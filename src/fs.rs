@@ -31,7 +31,7 @@ use crate::errseq::Cursor;
 use crate::handles::ObjRef;
 use crate::health::{Health, Mode};
 use crate::idmap::IdMap;
-use crate::inodes::{Node, ROOT_ID};
+use crate::inodes::{Node, NodeState, ROOT_ID};
 use crate::layers::LayerStack;
 use crate::lookup::Resolved;
 use crate::namespace::{Creator, NewObject, Union};
@@ -433,6 +433,11 @@ impl Core {
     fn attr(&self, node: &Node) -> Result<FileAttr, Errno> {
         let state = node.state();
         let st = sys::stat_fd(state.obj.fd()?.as_fd()).map_err(errno)?;
+        Ok(self.attr_of(node, &state, &st))
+    }
+
+    /// The attributes of `node`, in `state`, whose object has the status `st`.
+    fn attr_of(&self, node: &Node, state: &NodeState, st: &libc::stat) -> FileAttr {
         // Like the kernel overlay: the link count of a merged directory cannot be known
         // without counting subdirectories in every layer; 1 tells `find` not to rely on it.
         let nlink = if state.merged.len() > 1 {
@@ -440,7 +445,7 @@ impl Core {
         } else {
             st.st_nlink as u32
         };
-        Ok(FileAttr {
+        FileAttr {
             ino: INodeNo(self.union.inodes.ino(node)),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
@@ -456,7 +461,7 @@ impl Core {
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,
-        })
+        }
     }
 
     /// Attributes of a node reached by lookup. fuser uses `attr.ino` as the FUSE node id, so
@@ -507,7 +512,20 @@ impl Core {
     /// Registers a kernel lookup of `resolved` (found as `name` in `dir`) and returns the
     /// attributes to answer with.
     fn remember(&self, dir: &Node, name: &OsStr, resolved: Resolved) -> Result<Known, Errno> {
+        let (st, obj) = (resolved.stat, resolved.obj.clone());
         let node = self.union.inodes.lookup(dir.id, name, resolved);
+        let state = node.state();
+        // A node that stands for the object just resolved (a new node, the usual case of a
+        // walk) has its attributes in that object's status, taken a moment ago; a node
+        // that was known already keeps its own object (copied up meanwhile, say).
+        if ObjRef::same(&state.obj, &obj) {
+            let mut attr = self.attr_of(&node, &state, &st);
+            if node.id == ROOT_ID {
+                attr.ino = INodeNo(ROOT_ID);
+            }
+            return Ok(Known { attr, node });
+        }
+        drop(state);
         match self.entry_attr(&node) {
             Ok(attr) => Ok(Known { attr, node }),
             Err(e) => {
