@@ -138,6 +138,16 @@ pub fn resolve(
     search(stack, parent, name, Metacopy::Refuse)
 }
 
+/// [`resolve`] for a name the kernel has looked up already (it removes or moves only names it
+/// holds): a metadata-only copy was refused then, so its attribute is not read again.
+pub fn resolve_held(
+    stack: &LayerStack,
+    parent: &[LayerDir],
+    name: &OsStr,
+) -> io::Result<Option<Resolved>> {
+    search(stack, parent, name, Metacopy::Present)
+}
+
 /// Whether the layer directories `parent` show `name` at all: what removing or moving a name
 /// needs to know (a whiteout must then stay in its place). Like the kernel's check
 /// (`ovl_lower_positive`), a metadata-only copy counts as there; only its lookup is refused.

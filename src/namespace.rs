@@ -95,6 +95,14 @@ impl Union {
         lookup::resolve(&self.stack, &dir.state().merged, name)
     }
 
+    /// [`Union::resolve`] for a name the kernel holds (see [`lookup::resolve_held`]).
+    fn resolve_held(&self, dir: &Node, name: &OsStr) -> io::Result<Option<Resolved>> {
+        if !dir.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        lookup::resolve_held(&self.stack, &dir.state().merged, name)
+    }
+
     pub fn is_upper(&self, state: &NodeState) -> bool {
         self.stack.has_upper() && state.layer() == 0
     }
@@ -352,7 +360,7 @@ impl Union {
     pub fn unlink(&self, parent: &Node, name: &OsStr) -> io::Result<()> {
         self.require_upper()?;
         let found = self
-            .resolve(parent, name)?
+            .resolve_held(parent, name)?
             .ok_or_else(|| err(libc::ENOENT))?;
         if found.stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
             return Err(err(libc::EISDIR));
@@ -374,7 +382,7 @@ impl Union {
     pub fn rmdir(&self, parent: &Node, name: &OsStr) -> io::Result<()> {
         self.require_upper()?;
         let found = self
-            .resolve(parent, name)?
+            .resolve_held(parent, name)?
             .ok_or_else(|| err(libc::ENOENT))?;
         if found.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
