@@ -10,6 +10,7 @@
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::handles::ObjRef;
 use std::os::unix::ffi::OsStrExt;
@@ -48,18 +49,23 @@ enum Target {
     FromRoot(Vec<CString>),
 }
 
-/// One layer's candidate for the name, `None` if the layer does not have it.
+/// One layer's candidate for the name, `None` if the layer does not have it; with the
+/// layer's directory it was opened in when that is the parent's own (no redirect).
 fn candidate(
     stack: &LayerStack,
     parent: &[LayerDir],
     layer: LayerIndex,
     target: &Target,
-) -> io::Result<Option<OwnedFd>> {
+) -> io::Result<Option<(OwnedFd, Option<Arc<OwnedFd>>)>> {
     let found = match target {
         Target::InParent(name) => match parent.iter().find(|d| d.layer == layer) {
             Some(dir) => {
                 let dir = dir.obj.fd()?;
-                stack.fds.retry(|| sys::open_path_at(dir.as_fd(), name))
+                return match stack.fds.retry(|| sys::open_path_at(dir.as_fd(), name)) {
+                    Ok(fd) => Ok(Some((fd, Some(dir)))),
+                    Err(e) if not_there(&e) => Ok(None),
+                    Err(e) => Err(e),
+                };
             }
             None => return Ok(None),
         },
@@ -85,7 +91,7 @@ fn candidate(
         }
     };
     match found {
-        Ok(fd) => Ok(Some(fd)),
+        Ok(fd) => Ok(Some((fd, None))),
         Err(e) if not_there(&e) => Ok(None),
         Err(e) => Err(e),
     }
@@ -97,8 +103,8 @@ fn not_there(e: &io::Error) -> bool {
 
 /// The redirect of a directory, if it has a valid one; a malformed value is an error (EIO),
 /// never a path to follow.
-fn redirect_of(stack: &LayerStack, dir: &OwnedFd) -> io::Result<Option<Target>> {
-    let Some(value) = sys::get_xattr(dir.as_fd(), &stack.private.redirect)? else {
+fn redirect_of(stack: &LayerStack, dir: sys::XattrSource<'_>) -> io::Result<Option<Target>> {
+    let Some(value) = dir.get(&stack.private.redirect)? else {
         return Ok(None);
     };
     // The kernel's rules (whiteout::parse_redirect): a value it would refuse makes the
@@ -182,8 +188,19 @@ fn search(
             Err(e) if redirected && e.raw_os_error() == Some(libc::ENAMETOOLONG) => None,
             other => other?,
         };
-        if let Some(fd) = found_here {
+        if let Some((fd, opened_in)) = found_here {
             let st = sys::stat_fd(fd.as_fd())?;
+            // A lower layer's attributes are read by name: nothing renames there.
+            let xattrs = match (&opened_in, &target) {
+                (Some(dir), Target::InParent(cname)) if !(layer == 0 && stack.has_upper()) => {
+                    sys::XattrSource::LowerEntry {
+                        dir: dir.as_fd(),
+                        name: cname,
+                        handle: fd.as_fd(),
+                    }
+                }
+                _ => sys::XattrSource::Handle(fd.as_fd()),
+            };
             if whiteout::is_whiteout(&st) {
                 break;
             }
@@ -195,15 +212,15 @@ fn search(
             // Past here a non-directory is what the name stands for. The kernel reads both
             // markers in every layer, the upper included, whatever its directory's "x" mark.
             if !is_dir {
-                if whiteout::is_xattr_whiteout(fd.as_fd(), &st, &stack.private.whiteout)? {
+                if whiteout::is_xattr_whiteout(xattrs, &st, &stack.private.whiteout)? {
                     break;
                 }
                 if metacopy == Metacopy::Refuse {
-                    refuse_metacopy(stack, layer, name, &fd, &st)?;
+                    refuse_metacopy(stack, layer, name, xattrs, &st)?;
                 }
             }
             // Tested before the descriptor goes under management (which may close it).
-            let opaque = is_dir && whiteout::is_opaque(fd.as_fd(), &stack.private.opaque)?;
+            let opaque = is_dir && whiteout::is_opaque(xattrs, &stack.private.opaque)?;
             let searched_below = (layer == 0 && stack.has_upper())
                 || match &target {
                     Target::InParent(_) => layer < bottom.layer,
@@ -212,7 +229,7 @@ fn search(
             // Like the kernel (ovl_lookup's d.last): a lower directory's redirect is not read
             // where no layer below it would be searched; the upper's always is.
             let redirect = if is_dir && !opaque && stack.follow_redirects && searched_below {
-                redirect_of(stack, &fd)?
+                redirect_of(stack, xattrs)?
             } else {
                 None
             };
@@ -264,13 +281,13 @@ fn refuse_metacopy(
     stack: &LayerStack,
     layer: LayerIndex,
     name: &OsStr,
-    file: &OwnedFd,
+    file: sys::XattrSource<'_>,
     st: &libc::stat,
 ) -> io::Result<()> {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Ok(());
     }
-    let value = match sys::get_xattr(file.as_fd(), &stack.private.metacopy) {
+    let value = match file.get(&stack.private.metacopy) {
         Ok(Some(value)) => value,
         Ok(None) => return Ok(()),
         // A `user.*` attribute of a file this process may not read: the kernel takes the

@@ -784,7 +784,10 @@ impl Union {
 fn root_of(stack: &LayerStack) -> io::Result<Resolved> {
     let mut merged = Vec::new();
     for (i, layer) in stack.layers.iter().enumerate() {
-        let opaque = whiteout::is_opaque(layer.root.as_fd(), &stack.private.opaque)?;
+        let opaque = whiteout::is_opaque(
+            sys::XattrSource::Handle(layer.root.as_fd()),
+            &stack.private.opaque,
+        )?;
         merged.push(LayerDir {
             layer: i as u16,
             obj: stack.adopt(i as u16, layer.root.try_clone()?),

@@ -69,7 +69,7 @@ pub fn holds_xwhiteouts(dir: BorrowedFd<'_>, opaque_xattr: &CStr) -> io::Result<
 /// carrying `whiteout_xattr` (the mount's `<prefix>whiteout`) with any value, even an empty
 /// one. Only empty regular files cost an xattr read.
 pub fn is_xattr_whiteout(
-    file: BorrowedFd<'_>,
+    file: sys::XattrSource<'_>,
     st: &libc::stat,
     whiteout_xattr: &CStr,
 ) -> io::Result<bool> {
@@ -90,7 +90,7 @@ pub fn is_xattr_whiteout_at(
         return Ok(false);
     }
     match sys::open_path_at(dir, name) {
-        Ok(file) => has_xattr(file.as_fd(), whiteout_xattr),
+        Ok(file) => has_xattr(sys::XattrSource::Handle(file.as_fd()), whiteout_xattr),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
@@ -102,8 +102,8 @@ fn is_empty_regular(st: &libc::stat) -> bool {
 
 /// Whether `obj` carries the attribute `name`. A `user.*` attribute this process may not
 /// read (EACCES) counts as absent, as it does for the kernel.
-fn has_xattr(obj: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
-    match sys::get_xattr(obj, name) {
+fn has_xattr(obj: sys::XattrSource<'_>, name: &CStr) -> io::Result<bool> {
+    match obj.get(name) {
         Ok(value) => Ok(value.is_some()),
         Err(e) if e.raw_os_error() == Some(libc::EACCES) => Ok(false),
         Err(e) => Err(e),
@@ -125,11 +125,11 @@ pub fn is_valid_metacopy(value: &[u8]) -> bool {
 
 /// Whether `dir` (a handle on a directory in some layer) hides the layers below it;
 /// `opaque_xattr` is the mount's `<prefix>opaque`.
-pub fn is_opaque(dir: BorrowedFd<'_>, opaque_xattr: &CStr) -> io::Result<bool> {
-    if sys::get_xattr(dir, opaque_xattr)?.is_some_and(|v| is_opaque_value(&v)) {
+pub fn is_opaque(dir: sys::XattrSource<'_>, opaque_xattr: &CStr) -> io::Result<bool> {
+    if dir.get(opaque_xattr)?.is_some_and(|v| is_opaque_value(&v)) {
         return Ok(true);
     }
-    Ok(sys::stat_at(dir, AUFS_OPAQUE)?.is_some())
+    Ok(sys::stat_at(dir.handle(), AUFS_OPAQUE)?.is_some())
 }
 
 /// Whether `dir` holds an AUFS whiteout `.wh.NAME` for `name`.
