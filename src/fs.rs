@@ -1019,6 +1019,7 @@ impl Core {
             .map_err(errno)?;
         let Known { attr, node } = self.remember(&dir, name, resolved)?;
         node.name_unsynced.store(true, Ordering::Release);
+        node.no_file_caps.store(true, Ordering::Release);
         let generation = Generation(node.generation());
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let upper = self.union.stack.has_upper();
@@ -1113,6 +1114,9 @@ impl Core {
     pub(crate) fn getxattr_of(&self, ino: u64, name: &OsStr, uid: u32) -> Result<Vec<u8>, Errno> {
         self.gate()?;
         let node = self.node(INodeNo(ino))?;
+        if name.as_bytes() == b"security.capability" && node.no_file_caps.load(Ordering::Acquire) {
+            return Err(Errno::NO_XATTR);
+        }
         xattr::get(
             node.state().obj.fd()?.as_fd(),
             name,
@@ -1752,6 +1756,8 @@ impl fuser::Filesystem for OverlayFs {
         let result = self.node(ino).and_then(|node| {
             xattr::check_settable(name, Core::caller(req)).map_err(errno)?;
             let state = self.copy_up(&node, true)?;
+            // Before the attribute is there, so no GETXATTR after it answers from this.
+            node.no_file_caps.store(false, Ordering::Release);
             xattr::set(
                 state.obj.fd()?.as_fd(),
                 name,

@@ -131,6 +131,11 @@ pub struct Node {
     /// an fsync of the node flushes that directory too, so the name is as durable as the
     /// data — the cost paid when asked, not on every create and copy-up.
     pub name_unsynced: AtomicBool,
+    /// The object is known to carry no file capability (`security.capability`): a file
+    /// this mount created, given no attribute since. The kernel asks for that attribute
+    /// before the first write to every file (to strip it); this answers without a system
+    /// call.
+    pub no_file_caps: AtomicBool,
 }
 
 impl NodeState {
@@ -188,6 +193,7 @@ impl Node {
         );
         self.file_type
             .store(resolved.stat.st_mode & libc::S_IFMT, Ordering::Relaxed);
+        self.no_file_caps.store(false, Ordering::Relaxed);
         self.set_state(state_of(resolved, parent, name));
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
@@ -270,6 +276,7 @@ impl InodeTable {
             wb_err: ErrSeq::new(),
             watched: AtomicBool::new(false),
             name_unsynced: AtomicBool::new(false),
+            no_file_caps: AtomicBool::new(false),
         });
         let mut overrides = HashMap::new();
         overrides.insert(key, ROOT_ID);
@@ -358,6 +365,7 @@ impl InodeTable {
                     wb_err: ErrSeq::new(),
                     watched: AtomicBool::new(false),
                     name_unsynced: AtomicBool::new(false),
+                    no_file_caps: AtomicBool::new(false),
                 });
                 nodes.insert(ById(node.clone()));
                 node

@@ -1596,6 +1596,25 @@ scenario!(
     }
 );
 
+// A file made through the union has no capability, which ovlfuse answers the kernel's
+// question before the first write from; one set afterwards must be seen, and stripped by
+// the next write, as on the kernel overlay.
+scenario!(
+    capability_set_on_a_new_file_is_stripped_by_the_next_write,
+    base,
+    |o| {
+        o.create_excl("newcap", 0o755);
+        o.append("newcap", b"first");
+        o.getxattr("newcap", "security.capability");
+        o.setxattr("newcap", "security.capability", &cap_value());
+        o.getxattr("newcap", "security.capability");
+        o.append("newcap", b"second");
+        o.getxattr("newcap", "security.capability");
+        o.listxattr("newcap");
+        o.show("newcap");
+    }
+);
+
 fn sparse_build(l: &Layers) {
     l.lower(0)
         .sparse_file(
