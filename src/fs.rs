@@ -162,7 +162,15 @@ pub struct Core {
     health: Arc<Health>,
     canary: Option<Arc<Canary>>,
     passthrough: Passthrough,
+    /// When a LOOKUP last found something other than a directory, in milliseconds from
+    /// `born` plus one (0: never). See [`Core::listing_wants_file_attrs`].
+    file_looked_up: AtomicU64,
+    born: std::time::Instant,
 }
+
+/// How long after a LOOKUP of a non-directory READDIRPLUS keeps giving non-directories
+/// their attributes (see [`Core::listing_wants_file_attrs`]).
+const FILE_ATTRS_WINDOW_MS: u64 = 2000;
 
 /// Adds the entries a reader at `offset` has not seen yet, as many as fit; returns whether
 /// the listing was given to its end. Offsets are the entries' cookies: the same place in
@@ -268,6 +276,8 @@ impl OverlayFs {
             health,
             canary,
             passthrough: Passthrough::off(),
+            file_looked_up: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         };
         Ok(OverlayFs {
             core: Arc::new(core),
@@ -485,7 +495,28 @@ impl Core {
             .resolve(&dir, name)
             .map_err(errno)?
             .ok_or(Errno::ENOENT)?;
-        self.remember(&dir, name, resolved)
+        let known = self.remember(&dir, name, resolved)?;
+        if known.attr.kind != FileType::Directory {
+            self.file_looked_up
+                .store(self.millis() + 1, Ordering::Relaxed);
+        }
+        Ok(known)
+    }
+
+    fn millis(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Whether READDIRPLUS should give entries that are not directories their attributes:
+    /// only while the workload looks such entries up (a stat walk, `ls -l`, a build), as it
+    /// did within the last [`FILE_ATTRS_WINDOW_MS`]. A walk that only reads names (`find`,
+    /// `du --inodes`) descends into directories but never looks files up, and giving their
+    /// attributes would cost a lookup in every layer for each; directories always get theirs
+    /// (the walk's next step is to open them). A file listed bare costs a stat walk one
+    /// LOOKUP, which brings the attributes back for the listings after it.
+    fn listing_wants_file_attrs(&self) -> bool {
+        let last = self.file_looked_up.load(Ordering::Relaxed);
+        last != 0 && self.millis() + 1 - last < FILE_ATTRS_WINDOW_MS
     }
 
     /// Open flags for a regular file served through us: no FLUSH on close (ours does
@@ -563,8 +594,10 @@ impl Core {
     /// attributes counts as a lookup, except `.` and `..`, which the kernel never takes a
     /// reference on. An entry whose lookup fails (a redirect the kernel refuses, an xattr
     /// whiteout outside an `opaque=x` directory, a name gone since the merge, ...) is listed
-    /// without attributes, exactly as READDIR lists it; so is one the kernel still holds when
-    /// `held_bare` (only where a bare entry keeps its d_ino: glibc's readdir skips d_ino 0).
+    /// without attributes, exactly as READDIR lists it; so, when `held_bare` (only where a
+    /// bare entry keeps its d_ino: glibc's readdir skips d_ino 0), is one the kernel still
+    /// holds, and one that is not a directory while no LOOKUP asks for such entries
+    /// ([`Core::listing_wants_file_attrs`]).
     pub(crate) fn readdirplus_unopened(
         &self,
         ino: u64,
@@ -572,6 +605,8 @@ impl Core {
         held_bare: bool,
         mut add: impl FnMut(PlusEntry<'_>) -> bool,
     ) -> Result<(), Errno> {
+        // Non-directories bare only where a bare entry keeps its d_ino.
+        let file_attrs = !held_bare || self.listing_wants_file_attrs();
         self.with_unopened_listing(ino, offset, |dir, entries| {
             let start = readdir::resume_at(entries, offset);
             for entry in &entries[start..] {
@@ -597,7 +632,9 @@ impl Core {
                 // A child the kernel still holds under this name (a listing read again
                 // after the kernel dropped its cached copy): attributes would only repeat
                 // what it has, and cost a lookup of the object. Bare, as READDIR lists it.
-                if held_bare && self.union.inodes.held_at(entry.ino, dir.id, name) {
+                if (!file_attrs && entry.file_type != libc::S_IFDIR)
+                    || (held_bare && self.union.inodes.held_at(entry.ino, dir.id, name))
+                {
                     if !add(bare) {
                         return false;
                     }
