@@ -594,7 +594,7 @@ impl Core {
     /// attributes counts as a lookup, except `.` and `..`, which the kernel never takes a
     /// reference on. An entry whose lookup fails (a redirect the kernel refuses, an xattr
     /// whiteout outside an `opaque=x` directory, a name gone since the merge, ...) is listed
-    /// without attributes, exactly as READDIR lists it; so, when `held_bare` (only where a
+    /// without attributes, exactly as READDIR lists it; so, when `bare_keeps_ino` (only where a
     /// bare entry keeps its d_ino: glibc's readdir skips d_ino 0), is one the kernel still
     /// holds, and one that is not a directory while no LOOKUP asks for such entries
     /// ([`Core::listing_wants_file_attrs`]).
@@ -602,11 +602,11 @@ impl Core {
         &self,
         ino: u64,
         offset: u64,
-        held_bare: bool,
+        bare_keeps_ino: bool,
         mut add: impl FnMut(PlusEntry<'_>) -> bool,
     ) -> Result<(), Errno> {
-        // Non-directories bare only where a bare entry keeps its d_ino.
-        let file_attrs = !held_bare || self.listing_wants_file_attrs();
+        // Bare entries only where they keep their d_ino.
+        let file_attrs = !bare_keeps_ino || self.listing_wants_file_attrs();
         self.with_unopened_listing(ino, offset, |dir, entries| {
             let start = readdir::resume_at(entries, offset);
             for entry in &entries[start..] {
@@ -633,7 +633,7 @@ impl Core {
                 // after the kernel dropped its cached copy): attributes would only repeat
                 // what it has, and cost a lookup of the object. Bare, as READDIR lists it.
                 if (!file_attrs && entry.file_type != libc::S_IFDIR)
-                    || (held_bare && self.union.inodes.held_at(entry.ino, dir.id, name))
+                    || (bare_keeps_ino && self.union.inodes.held_at(entry.ino, dir.id, name))
                 {
                     if !add(bare) {
                         return false;
