@@ -75,7 +75,8 @@ pub fn act_as(uid: u32, gid: u32) -> Option<ActingAs> {
     if (uid, gid) == (home_uid, home_gid) {
         return Some(ActingAs { home: None });
     }
-    match sys::set_fs_ids(uid, gid) {
+    // The thread is at home whenever no guard lives, so home is what it has now.
+    match sys::set_fs_ids(uid, gid, (home_uid, home_gid)) {
         Ok(()) => Some(ActingAs {
             home: Some((home_uid, home_gid)),
         }),
@@ -105,6 +106,17 @@ mod tests {
         ask.send(()).unwrap();
         assert_eq!(other.join().unwrap(), before);
         drop(guard);
+        assert_eq!(sys::fs_ids(), before);
+    }
+
+    #[test]
+    fn an_id_the_kernel_refuses_leaves_the_thread_as_it_was() {
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let before = sys::fs_ids();
+        // (uid_t)-1 is never a valid fsuid; the gid alone would have been taken.
+        assert!(act_as(u32::MAX, 4343).is_none());
         assert_eq!(sys::fs_ids(), before);
     }
 

@@ -535,10 +535,10 @@ pub fn fs_ids() -> (u32, u32) {
 }
 
 /// Sets the calling thread's fsuid and fsgid (and nothing else: the syscalls act on the
-/// thread, not the process). Fails with EPERM if either is refused (e.g. an id that is not
-/// mapped in the daemon's user namespace); nothing is changed then.
-pub fn set_fs_ids(uid: u32, gid: u32) -> io::Result<()> {
-    let (old_uid, old_gid) = fs_ids();
+/// thread, not the process), from `current`, the ones it has now. Fails with EPERM if either
+/// is refused (e.g. an id that is not mapped in the daemon's user namespace); the thread
+/// has `current` again then.
+pub fn set_fs_ids(uid: u32, gid: u32, current: (u32, u32)) -> io::Result<()> {
     // SAFETY: as in `fs_ids`. setfsgid/setfsuid report the old id even when they fail, so
     // success is read back.
     unsafe {
@@ -548,11 +548,7 @@ pub fn set_fs_ids(uid: u32, gid: u32) -> io::Result<()> {
     if fs_ids() == (uid, gid) {
         return Ok(());
     }
-    // SAFETY: as above, putting back what was there.
-    unsafe {
-        libc::setfsuid(old_uid);
-        libc::setfsgid(old_gid);
-    }
+    restore_fs_ids(current.0, current.1);
     Err(io::Error::from_raw_os_error(libc::EPERM))
 }
 
