@@ -243,6 +243,13 @@ impl LocalAnswer for FastPath {
         }
     }
 
+    fn may_wait_for_disk(&self, header: &InHeader, body: &[u8]) -> bool {
+        header.opcode == READ
+            && wire::parse_read(body).is_some_and(|r| {
+                r.fh != CANARY_FH && self.core.read_may_wait(r.fh, r.offset, r.size)
+            })
+    }
+
     fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32> {
         self.rest.answer(opcode, header, body)
     }

@@ -992,6 +992,21 @@ impl Core {
         sys::read_at_into(file.as_fd(), offset, size as usize, data).map_err(errno)
     }
 
+    /// Whether READ of `size` bytes at `offset` of handle `fh` would wait for a disk: some
+    /// page of the range is not in the page cache (a page whose read is under way counts as
+    /// there). A range past the end of the file counts as missing; so does everything when
+    /// the kernel cannot tell (before Linux 6.5), which only costs the caller's precaution.
+    pub(crate) fn read_may_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
+        let Ok(file) = self.file(FileHandle(fh)) else {
+            return false;
+        };
+        let page = sys::page_size();
+        let first = offset / page;
+        let end = (offset + u64::from(size)).div_ceil(page);
+        sys::cachestat(file.as_fd(), first * page, (end - first) * page)
+            .map_or(true, |st| st.cached == 0)
+    }
+
     /// OPEN of node `ino` (not the canary) with the open(2) `flags`.
     pub(crate) fn open_file_of(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         self.gate()?;

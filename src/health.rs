@@ -573,34 +573,10 @@ fn wait_for_writeback(fd: &OwnedFd) -> Result<(), i32> {
 /// Without cachestat, a file counts as clean once checked: the kernel writes dirty pages
 /// back within 30 s by default, and the next write puts it back on the list anyway.
 fn nothing_to_write_back(fd: &OwnedFd) -> bool {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
+    match sys::cachestat(fd.as_fd(), 0, 0) {
+        Ok(st) => st.dirty == 0 && st.writeback == 0,
+        Err(_) => true,
     }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let range = Range { off: 0, len: 0 };
-    let mut st = Stat::default();
-    // SAFETY: valid descriptor and pointers to properly laid out structs.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            fd.as_raw_fd(),
-            &range as *const Range,
-            &mut st as *mut Stat,
-            0,
-        )
-    };
-    rc != 0 || (st.nr_dirty == 0 && st.nr_writeback == 0)
 }
 
 fn last_errno() -> i32 {

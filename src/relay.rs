@@ -200,6 +200,13 @@ pub trait LocalAnswer: Send + Sync {
         None
     }
 
+    /// Whether serving this request will likely wait for a disk (a READ of pages the page
+    /// cache does not hold). An io_uring queue thread then lets go of its CPU for the
+    /// request, so the disk's completion can wake it wherever it lands. Must be quick.
+    fn may_wait_for_disk(&self, _header: &InHeader, _body: &[u8]) -> bool {
+        false
+    }
+
     /// `Some(0)` answers success with no payload, so it only fits opcodes whose
     /// reply has no body (SYNCFS, FLUSH, FSYNC, ...). `Some(-errno)` answers that
     /// error. `None` lets the relay decide: forward if fuser can parse the opcode,
@@ -797,9 +804,13 @@ impl Shared {
     /// Ends when the kernel takes the entries back (unmount or abort).
     fn serve_ring(self: &Arc<Self>, mut queue: uring::Queue, inbox: Receiver<Completion>) {
         let qid = queue.qid();
-        if let Err(e) = uring::pin_to_cpu(usize::from(qid)) {
-            log::debug!("relay: queue {qid} runs unpinned: {e}");
-        }
+        let mut placement = match uring::Placement::pin_to_cpu(usize::from(qid)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::debug!("relay: queue {qid} runs unpinned: {e}");
+                None
+            }
+        };
         if let Err(e) = uring::yield_to_callers() {
             log::debug!("relay: queue {qid} keeps the normal scheduling policy: {e}");
         }
@@ -845,6 +856,19 @@ impl Shared {
                         };
                         // A panic must not take the queue's thread down with it: every
                         // request later made on this CPU would wait for it forever.
+                        // Back on the queue's CPU only when a request that does not wait
+                        // for a disk comes: a run of cold reads moves no thread back and
+                        // forth between them.
+                        if let Some(p) = placement.as_mut() {
+                            let placed = if self.may_wait_for_disk(&header, &message) {
+                                p.loosen()
+                            } else {
+                                p.pin()
+                            };
+                            if let Err(e) = placed {
+                                log::debug!("relay: queue {qid} affinity: {e}");
+                            }
+                        }
                         let dispatched = std::panic::catch_unwind(AssertUnwindSafe(|| {
                             self.dispatch(&header, &message, &mut served_payload, &mut replies)
                         }));
@@ -905,6 +929,15 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    fn may_wait_for_disk(&self, header: &InHeader, message: &[u8]) -> bool {
+        let end = (header.len as usize).clamp(IN_HEADER_LEN, message.len());
+        !self.shutdown_started.load(Ordering::Acquire)
+            && !fuser_only(header.opcode)
+            && self
+                .local
+                .may_wait_for_disk(header, &message[IN_HEADER_LEN..end])
     }
 
     /// If request `unique` came from a ring entry and its reply was left for later, hand
@@ -1196,7 +1229,7 @@ pub fn start(
     }
     let relay_sndbuf = socket_buffer(relay_end.as_fd(), libc::SO_SNDBUF)?;
     let fuser_sndbuf = socket_buffer(fuser_end.as_fd(), libc::SO_SNDBUF)?;
-    let page = page_size();
+    let page = crate::sys::page_size() as usize;
 
     let max_forward = relay_sndbuf.saturating_sub(UNIX_DGRAM_OVERHEAD);
     let max_reply = fuser_sndbuf.saturating_sub(UNIX_DGRAM_OVERHEAD);
@@ -1292,7 +1325,7 @@ fn build_queues(
     }
     // The kernel wants each payload buffer to hold max(8 KiB, max_write, max_pages pages),
     // max_pages being capped by fs.fuse.max_pages_limit.
-    let page = page_size();
+    let page = crate::sys::page_size() as usize;
     let pages_limit = std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
@@ -1335,15 +1368,6 @@ fn prev_power_of_two(n: usize) -> usize {
     } else {
         1 << (usize::BITS - 1 - n.leading_zeros())
     }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no memory effects.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size)
-        .ok()
-        .filter(|&s| s > 0)
-        .unwrap_or(4096)
 }
 
 pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -449,18 +449,79 @@ pub fn yield_to_callers() -> io::Result<()> {
     Ok(())
 }
 
-/// Pin the calling thread to `cpu`, so it runs where the requests of its queue come from.
-pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
+/// A queue thread's place: pinned to its queue's CPU while it waits for and serves
+/// requests, let loose while it waits for a disk.
+///
+/// Why both: pinned, a caller's request hands its CPU straight to the queue thread and back
+/// (11 µs a round trip here, against 55–60 µs unpinned). But a request that waits for the
+/// disk is woken by the disk's completion, which runs on whatever CPU took the interrupt;
+/// pinned, that wakeup must first wake the queue's CPU, halted meanwhile, which on a virtual
+/// machine costs tens of µs on every such read. Random 4 KiB reads of a lower file, caches
+/// dropped: 100–105 µs a read pinned, 86–90 µs let loose for the reads that miss the page
+/// cache, 68–77 µs on the kernel overlay.
+pub struct Placement {
+    cpu: usize,
+    home: libc::cpu_set_t,
+    anywhere: libc::cpu_set_t,
+    loose: bool,
+}
+
+impl Placement {
+    /// Pin the calling thread to `cpu`, so it runs where the requests of its queue come
+    /// from. `anywhere` is the affinity it had before.
+    pub fn pin_to_cpu(cpu: usize) -> io::Result<Placement> {
         if cpu >= libc::CPU_SETSIZE as usize {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
+        // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE, and
+        // sched_getaffinity writes at most the size it is given.
+        let placement = unsafe {
+            let mut anywhere: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut anywhere) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut home: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut home);
+            Placement {
+                cpu,
+                home,
+                anywhere,
+                loose: true,
+            }
+        };
+        let mut placement = placement;
+        placement.pin()?;
+        Ok(placement)
+    }
+
+    /// Back on the queue's CPU (a no-op when already there).
+    pub fn pin(&mut self) -> io::Result<()> {
+        if self.loose {
+            set_affinity(&self.home)?;
+            self.loose = false;
         }
+        Ok(())
+    }
+
+    /// Free to be woken on any CPU, for work that may wait for a disk.
+    pub fn loosen(&mut self) -> io::Result<()> {
+        if !self.loose {
+            set_affinity(&self.anywhere)?;
+            self.loose = true;
+        }
+        Ok(())
+    }
+
+    /// The CPU this thread belongs to.
+    pub fn cpu(&self) -> usize {
+        self.cpu
+    }
+}
+
+fn set_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: passes a whole, initialised cpu_set_t with its own size.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -468,6 +529,43 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn affinity() -> libc::cpu_set_t {
+        // SAFETY: sched_getaffinity writes at most the size it is given.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            set
+        }
+    }
+
+    fn cpus(set: &libc::cpu_set_t) -> Vec<usize> {
+        // SAFETY: CPU_ISSET reads within the set for i < CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| unsafe { libc::CPU_ISSET(i, set) })
+            .collect()
+    }
+
+    #[test]
+    fn a_queue_thread_is_pinned_let_loose_and_pinned_again() {
+        // On a thread of its own: affinity is per thread, and the test harness's must stay.
+        std::thread::spawn(|| {
+            let before = cpus(&affinity());
+            let home = before[0];
+            let mut placement = Placement::pin_to_cpu(home).unwrap();
+            assert_eq!(cpus(&affinity()), vec![home]);
+            placement.loosen().unwrap();
+            assert_eq!(cpus(&affinity()), before);
+            placement.pin().unwrap();
+            assert_eq!(cpus(&affinity()), vec![home]);
+            assert_eq!(placement.cpu(), home);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn cpu_lists() {
