@@ -166,6 +166,9 @@ fn worker_threads(config: &MountConfig) -> usize {
 /// Mounts, tells the waiting parent (if any) how it went, serves until unmounted.
 fn serve(config: MountConfig, fs: OverlayFs, ready: Option<ReadyPipe>) -> i32 {
     crate::sys::raise_nofile_limit();
+    if let Err(e) = crate::sys::reserve_descriptor_slots(crate::sys::DESCRIPTOR_SLOTS) {
+        log::debug!("cannot size the descriptor table ahead: {e}");
+    }
     // New objects get exactly the mode the caller asked for (the kernel has already applied
     // the caller's umask); the daemon's own umask must not strip more.
     // SAFETY: umask cannot fail.

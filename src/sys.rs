@@ -495,6 +495,47 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// The most descriptor slots [`reserve_descriptor_slots`] sets aside: 128 KiB of kernel
+/// memory for the table, enough for the layer objects a large tree keeps open.
+pub const DESCRIPTOR_SLOTS: u32 = 16384;
+
+/// Grow this process's descriptor table to `slots` entries (at most the soft
+/// `RLIMIT_NOFILE`) now, while it has a single thread.
+///
+/// Why: each time a multi-threaded process outgrows its table, the kernel doubles it and
+/// waits for an RCU grace period first (`expand_fdtable`), which on this machine kind took
+/// 10–25 ms, with the thread that opened the descriptor (serving a request) stopped all
+/// that time; a fresh mount that opens a few thousand layer objects grows it eight times.
+/// A single-threaded process grows it without waiting.
+pub fn reserve_descriptor_slots(slots: u32) -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let top = u64::from(slots).min(lim.rlim_cur).saturating_sub(1);
+    let top = libc::c_int::try_from(top).unwrap_or(libc::c_int::MAX);
+    // SAFETY: opens a path-only descriptor of "/", owned right away.
+    let probe = unsafe {
+        OwnedFd::from_raw_fd(cvt(libc::open(
+            c"/".as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        ))?)
+    };
+    // The lowest free slot at or above `top`: the kernel sizes the table for it.
+    // SAFETY: duplicates a valid descriptor; the copy is owned right away and closed.
+    let high = unsafe {
+        OwnedFd::from_raw_fd(cvt(libc::fcntl(
+            probe.as_raw_fd(),
+            libc::F_DUPFD_CLOEXEC,
+            top,
+        ))?)
+    };
+    drop(high);
+    Ok(())
+}
+
 /// `pwrite` that retries on EINTR and short writes; returns the bytes written.
 pub fn write_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> io::Result<usize> {
     let mut done = 0;
