@@ -3,7 +3,7 @@
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
 //! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, SETATTR, the FORGETs,
-//! OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
+//! READLINK, OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
 //! did not open, IOCTL (isatty on every opened file) — and READ (lower files are read
 //! through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
 //! as fuser would encode them. Everything else, anything that concerns the canary or does
@@ -27,6 +27,7 @@ const LOOKUP: u32 = 1;
 const FORGET: u32 = 2;
 const GETATTR: u32 = 3;
 const SETATTR: u32 = 4;
+const READLINK: u32 = 5;
 const READ: u32 = 15;
 const SYMLINK: u32 = 6;
 const MKDIR: u32 = 9;
@@ -173,6 +174,9 @@ impl LocalAnswer for FastPath {
                 }
                 served(core.read_file(read.fh, read.offset, read.size, out))
             }
+            READLINK if node != CANARY_ID => served(core.read_link(node).map(|target| {
+                out.extend_from_slice(&target);
+            })),
             OPEN if node != CANARY_ID => {
                 let open = wire::parse_open(body)?;
                 // Writing to a lower file copies it up first: fuser's, as for SETATTR.

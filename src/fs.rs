@@ -979,6 +979,13 @@ impl Core {
         }
     }
 
+    /// READLINK of node `ino`: the symlink's target, as stored.
+    pub(crate) fn read_link(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.gate()?;
+        let node = self.node(INodeNo(ino))?;
+        sys::readlink_fd(node.state().obj.fd()?.as_fd()).map_err(errno)
+    }
+
     /// READ of file handle `fh` (not the canary's), appended to `data`.
     pub(crate) fn read_file(
         &self,
@@ -1353,10 +1360,7 @@ impl fuser::Filesystem for OverlayFs {
         if let Err(e) = self.gate() {
             return reply.error(e);
         }
-        match self
-            .node(ino)
-            .and_then(|n| sys::readlink_fd(n.state().obj.fd()?.as_fd()).map_err(errno))
-        {
+        match self.read_link(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
