@@ -166,7 +166,15 @@ pub struct Core {
     /// `born` plus one (0: never). See [`Core::listing_wants_file_attrs`].
     file_looked_up: AtomicU64,
     born: std::time::Instant,
+    /// What unlinks took away, dropped with the next FORGET: on the thread that reads
+    /// FORGETs rather than the one the caller of the unlink waits for, since dropping one
+    /// may be the upper filesystem's eviction of the deleted inode. The kernel forgets the
+    /// unlinked node itself right after the reply, unless something still holds it open.
+    graveyard: Mutex<Vec<crate::namespace::Removed>>,
 }
+
+/// The most removed objects kept for the next FORGET; past it, the unlink drops them.
+const GRAVEYARD_MAX: usize = 256;
 
 /// How long after a LOOKUP of a non-directory READDIRPLUS keeps giving non-directories
 /// their attributes (see [`Core::listing_wants_file_attrs`]).
@@ -269,6 +277,7 @@ impl OverlayFs {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             recent_listings: Mutex::new(VecDeque::new()),
+            graveyard: Mutex::new(Vec::new()),
             next_handle: AtomicU64::new(1),
             kills_privileges: AtomicBool::new(false),
             max_write_limit: AtomicU32::new(0),
@@ -954,12 +963,23 @@ impl Core {
     /// FORGET: the kernel dropped `nlookup` references to node `ino`.
     pub(crate) fn forget_node(&self, ino: u64, nlookup: u64) {
         self.union.inodes.forget(ino, nlookup);
+        let dead = std::mem::take(&mut *self.graveyard.lock());
+        drop(dead);
     }
 
     pub(crate) fn unlink_entry(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
         self.gate()?;
         let dir = self.node(INodeNo(parent))?;
-        self.union.unlink(&dir, name).map_err(errno)
+        let removed = self.union.unlink(&dir, name).map_err(errno)?;
+        let mut graveyard = self.graveyard.lock();
+        graveyard.push(removed);
+        if graveyard.len() >= GRAVEYARD_MAX {
+            // No FORGET came to take them: let them go here rather than pile up.
+            let dead = std::mem::take(&mut *graveyard);
+            drop(graveyard);
+            drop(dead);
+        }
+        Ok(())
     }
 
     pub(crate) fn rmdir_entry(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {

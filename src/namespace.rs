@@ -54,6 +54,14 @@ struct Placement {
     leave_whiteout: bool,
 }
 
+/// What an unlink took away, as its lookup held it. Dropping it may let go of the last
+/// reference to the deleted upper inode, which is the upper filesystem's eviction of it
+/// (truncation, orphan list, journal): work the caller of the unlink need not wait for.
+#[must_use = "dropping it may be an eviction; drop it where that cost does not matter"]
+pub struct Removed {
+    _held: Resolved,
+}
+
 /// Who creates: the new object gets this owner, like on a real filesystem.
 #[derive(Debug, Clone, Copy)]
 pub struct Creator {
@@ -357,7 +365,7 @@ impl Union {
     }
 
     /// Removes the non-directory `name` from `parent`.
-    pub fn unlink(&self, parent: &Node, name: &OsStr) -> io::Result<()> {
+    pub fn unlink(&self, parent: &Node, name: &OsStr) -> io::Result<Removed> {
         self.require_upper()?;
         let found = self
             .resolve_held(parent, name)?
@@ -369,13 +377,13 @@ impl Union {
         let upper = self.upper_dir(parent)?;
         let cname = sys::component(name)?;
         if !(self.stack.has_upper() && found.layer == 0) {
-            return self.whiteout(upper.as_fd(), &cname);
-        }
-        if needs_whiteout {
-            self.replace_with_whiteout(upper.as_fd(), &cname)
+            self.whiteout(upper.as_fd(), &cname)?;
+        } else if needs_whiteout {
+            self.replace_with_whiteout(upper.as_fd(), &cname)?;
         } else {
-            sys::unlink_at(upper.as_fd(), &cname, 0)
+            sys::unlink_at(upper.as_fd(), &cname, 0)?;
         }
+        Ok(Removed { _held: found })
     }
 
     /// Removes the empty directory `name` from `parent`.

@@ -1547,6 +1547,53 @@ fn documented_difference_o_tmpfile_is_eopnotsupp() {
     );
 }
 
+/// The descriptors of process `pid` that point at deleted files under `dir`.
+fn deleted_files_held(pid: i32, dir: &Path) -> Vec<String> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let dir = dir.canonicalize().unwrap();
+    fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with(dir.to_str().unwrap()) && t.ends_with(" (deleted)"))
+        .collect()
+}
+
+/// The daemon lets an unlinked file's upper inode go off the unlink's own path, once the
+/// kernel forgets the node; it must still let it go, or the space never comes back.
+#[test]
+fn removed_files_are_let_go_of_so_their_space_comes_back() {
+    let s = Scratch::new();
+    let l = s.layers(1, true);
+    let upper = l.upper.clone().expect("upper");
+    let m = mount_ovlfuse(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let root = m.path().to_path_buf();
+    with_timeout(30, move || {
+        for i in 0..40 {
+            fs::write(root.join(format!("f{i}")), vec![7u8; 64 * 1024]).unwrap();
+        }
+        for i in 0..40 {
+            fs::remove_file(root.join(format!("f{i}"))).unwrap();
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let held = deleted_files_held(pid, &upper);
+        if held.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "5 s after the unlinks the daemon still holds {} deleted upper files: {:?}",
+            held.len(),
+            &held[..held.len().min(3)]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(m);
+}
+
 // ---------------------------------------------------------------------------
 // copy-up details
 // ---------------------------------------------------------------------------
