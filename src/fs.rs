@@ -1019,10 +1019,12 @@ impl Core {
         sys::read_at_into(file.as_fd(), offset, size as usize, data).map_err(errno)
     }
 
-    /// Whether READ of `size` bytes at `offset` of handle `fh` would wait for a disk: some
-    /// page of the range is not in the page cache (a page whose read is under way counts as
-    /// there). A range past the end of the file counts as missing; so does everything when
-    /// the kernel cannot tell (before Linux 6.5), which only costs the caller's precaution.
+    /// Whether READ of `size` bytes at `offset` of handle `fh` would wait for a disk: no
+    /// page of the range is in the page cache. A range partly there counts as cached: it is
+    /// a sequential reader's, whose pages the lower file's readahead has in flight, and
+    /// treating those as cold made sequential reads slower. A range past the end of the
+    /// file counts as cold; so does everything when the kernel cannot tell (before Linux
+    /// 6.5), which only costs the caller's precaution.
     pub(crate) fn read_may_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
         let Ok(file) = self.file(FileHandle(fh)) else {
             return false;
