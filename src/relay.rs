@@ -14,7 +14,7 @@
 //!   [`route`] whether fuser may see it, and either forward the bytes unchanged
 //!   as one seqpacket message or answer it with a bare result. Once io_uring carries
 //!   the requests, only thread 0 stays: the device then brings FORGETs and INTERRUPTs
-//!   alone, and it collects FORGETs in batches (see [`DeviceWait`]);
+//!   alone, and it collects FORGETs in batches (see `DeviceWait`);
 //! * outbound (one thread): receive fuser's replies and notifications from the
 //!   socket and write each one, unchanged, to the device;
 //! * io_uring queues (one thread per possible CPU, only if the kernel offers
