@@ -304,6 +304,12 @@ pub fn route(local: &dyn LocalAnswer, header: &InHeader, body: &[u8]) -> Route {
 /// The kernel wants 0 or a negative errno in (-4096, 0); a positive errno is a
 /// sign slip and gets negated, anything else out of range becomes EIO (the
 /// kernel would otherwise reject the reply with EINVAL and the caller would hang).
+/// The bytes after the `fuse_in_header`, cut to the request's own length.
+fn request_body<'a>(header: &InHeader, message: &'a [u8]) -> &'a [u8] {
+    let end = (header.len as usize).clamp(IN_HEADER_LEN, message.len());
+    &message[IN_HEADER_LEN..end]
+}
+
 fn normalize_errno(result: i32) -> i32 {
     match result {
         0 => 0,
@@ -459,8 +465,7 @@ impl Shared {
             replies.reply(self, header, -libc::EIO, &[]);
             return;
         }
-        let end = (header.len as usize).clamp(IN_HEADER_LEN, message.len());
-        let body = &message[IN_HEADER_LEN..end];
+        let body = request_body(header, message);
         if !fuser_only(header.opcode) {
             served_payload.clear();
             if let Some(served) = self.local.serve(header, body, served_payload) {
@@ -872,13 +877,14 @@ impl Shared {
                             queue: &mut queue,
                             idx,
                         };
-                        // A panic must not take the queue's thread down with it: every
-                        // request later made on this CPU would wait for it forever.
                         // Back on the queue's CPU only when a request that does not wait
                         // for a disk comes: a run of cold reads moves no thread back and
                         // forth between them.
                         if let Some(p) = placement.as_mut() {
-                            let placed = if self.may_wait_for_disk(&header, &message) {
+                            let placed = if self
+                                .local
+                                .may_wait_for_disk(&header, request_body(&header, &message))
+                            {
                                 p.loosen()
                             } else {
                                 p.pin()
@@ -887,6 +893,8 @@ impl Shared {
                                 log::debug!("relay: queue {qid} affinity: {e}");
                             }
                         }
+                        // A panic must not take the queue's thread down with it: every
+                        // request later made on this CPU would wait for it forever.
                         let dispatched = std::panic::catch_unwind(AssertUnwindSafe(|| {
                             self.dispatch(&header, &message, &mut served_payload, &mut replies)
                         }));
@@ -947,15 +955,6 @@ impl Shared {
                 return;
             }
         }
-    }
-
-    fn may_wait_for_disk(&self, header: &InHeader, message: &[u8]) -> bool {
-        let end = (header.len as usize).clamp(IN_HEADER_LEN, message.len());
-        !self.shutdown_started.load(Ordering::Acquire)
-            && !fuser_only(header.opcode)
-            && self
-                .local
-                .may_wait_for_disk(header, &message[IN_HEADER_LEN..end])
     }
 
     /// If request `unique` came from a ring entry and its reply was left for later, hand

@@ -996,16 +996,25 @@ mod chmod_nofollow_tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    #[test]
-    fn chmod_nofollow_changes_the_object_and_refuses_a_symlink() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A layer directory holding `file` and `link`, a symlink to `outside` next to the layer:
+    /// (outside, layer).
+    pub(super) fn layer_with_a_link_out(
+        tmp: &tempfile::TempDir,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
         let outside = tmp.path().join("outside");
         std::fs::write(&outside, b"x").unwrap();
-        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
         let layer = tmp.path().join("layer");
         std::fs::create_dir(&layer).unwrap();
         std::fs::write(layer.join("file"), b"y").unwrap();
         std::os::unix::fs::symlink(&outside, layer.join("link")).unwrap();
+        (outside, layer)
+    }
+
+    #[test]
+    fn chmod_nofollow_changes_the_object_and_refuses_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (outside, layer) = layer_with_a_link_out(&tmp);
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
         let dir = open_dir_path(&layer).unwrap();
         chmod_at(dir.as_fd(), c"file", 0o4751).unwrap();
         let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
@@ -1027,12 +1036,7 @@ mod xattr_by_name_tests {
     #[test]
     fn an_entry_attribute_is_read_by_name_without_following_a_symlink() {
         let tmp = tempfile::tempdir().unwrap();
-        let outside = tmp.path().join("outside");
-        std::fs::write(&outside, b"x").unwrap();
-        let layer = tmp.path().join("layer");
-        std::fs::create_dir(&layer).unwrap();
-        std::fs::write(layer.join("file"), b"y").unwrap();
-        std::os::unix::fs::symlink(&outside, layer.join("link")).unwrap();
+        let (_outside, layer) = super::chmod_nofollow_tests::layer_with_a_link_out(&tmp);
         let dir = open_dir_path(&layer).unwrap();
         let file = open_path_at(dir.as_fd(), c"file").unwrap();
         set_xattr(file.as_fd(), c"user.mark", b"in", 0).unwrap();

@@ -460,7 +460,6 @@ pub fn yield_to_callers() -> io::Result<()> {
 /// dropped: 100–105 µs a read pinned, 86–90 µs let loose for the reads that miss the page
 /// cache, 68–77 µs on the kernel overlay.
 pub struct Placement {
-    cpu: usize,
     home: libc::cpu_set_t,
     anywhere: libc::cpu_set_t,
     loose: bool,
@@ -483,7 +482,6 @@ impl Placement {
             let mut home: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(cpu, &mut home);
             Placement {
-                cpu,
                 home,
                 anywhere,
                 loose: true,
@@ -510,11 +508,6 @@ impl Placement {
             self.loose = true;
         }
         Ok(())
-    }
-
-    /// The CPU this thread belongs to.
-    pub fn cpu(&self) -> usize {
-        self.cpu
     }
 }
 
@@ -561,7 +554,6 @@ mod tests {
             assert_eq!(cpus(&affinity()), before);
             placement.pin().unwrap();
             assert_eq!(cpus(&affinity()), vec![home]);
-            assert_eq!(placement.cpu(), home);
         })
         .join()
         .unwrap();

@@ -104,6 +104,42 @@ fn twenty_lower_layers_stack_in_order() {
     assert_eq!(count, 21);
 }
 
+/// The daemon sizes its descriptor table before its threads start (a multi-threaded process
+/// that outgrows it waits an RCU grace period in the open that needed the room): right after
+/// the mount, with a handful of descriptors open, the table already has its 16,384 slots, or
+/// as many as the soft RLIMIT_NOFILE allows.
+#[test]
+fn the_daemon_sizes_its_descriptor_table_before_serving() {
+    let s = Scratch::new();
+    let l = layers_with_file(&s);
+    let m = mount_ovlfuse(&l, "");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(if key == "Max open files" { 3 } else { 1 })
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}"))
+    };
+    let fd_size = field(&status, "FDSize:");
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let soft = field(&limits, "Max open files");
+    let open = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count() as u64;
+    let want = soft.min(16384);
+    assert!(
+        fd_size >= want,
+        "FDSize {fd_size} with {open} descriptors open; expected at least {want} \
+         (soft RLIMIT_NOFILE {soft})"
+    );
+    drop(m);
+}
+
 #[test]
 fn umount_ends_the_daemon() {
     let s = Scratch::new();
