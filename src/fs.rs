@@ -1023,8 +1023,9 @@ impl Core {
     /// page of the range is in the page cache. A range partly there counts as cached: it is
     /// a sequential reader's, whose pages the lower file's readahead has in flight, and
     /// treating those as cold made sequential reads slower. A range past the end of the
-    /// file counts as cold; so does everything when the kernel cannot tell (before Linux
-    /// 6.5), which only costs the caller's precaution.
+    /// file counts as cold. When the kernel cannot tell (no cachestat, a filesystem that
+    /// refuses it), nothing does: letting go of the CPU for every READ made sequential reads
+    /// slower.
     pub(crate) fn read_may_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
         let Ok(file) = self.file(FileHandle(fh)) else {
             return false;
@@ -1033,7 +1034,7 @@ impl Core {
         let first = offset / page;
         let end = (offset + u64::from(size)).div_ceil(page);
         sys::cachestat(file.as_fd(), first * page, (end - first) * page)
-            .map_or(true, |st| st.cached == 0)
+            .is_ok_and(|st| st.cached == 0)
     }
 
     /// OPEN of node `ino` (not the canary) with the open(2) `flags`.
