@@ -7,7 +7,7 @@
 //! container manager can lower at any time. Past the budget (half the current soft limit,
 //! re-read as we go), the least recently used descriptors are closed and their objects
 //! remembered by file handle (`name_to_handle_at`), to be reopened by `open_by_handle_at`
-//! when next used. A handle names an inode, not a path, so a reopened object is exactly the
+//! when next used (and taken back into the cache at the second use). A handle names an inode, not a path, so a reopened object is exactly the
 //! one that was held, wherever it has been renamed to — the same thing a held descriptor
 //! would have given — and no path is resolved again.
 //!
@@ -101,9 +101,11 @@ enum Slot {
         /// Never let go (and not counted in the budget): there is no way back without it.
         pinned: bool,
     },
-    /// Let go of; reopened from its handle when next used.
+    /// Let go of; reopened from its handle when used.
     Closed {
         layer: LayerIndex,
+        /// Used once since it was let go of (that use opened it only for itself).
+        used_once: bool,
         /// `handle_type` (when it fits a byte; else the handle is in the side table).
         kind: u8,
         /// Bytes of `bytes` used, or [`IN_SIDE_TABLE`].
@@ -295,6 +297,7 @@ impl FdCache {
                 bytes[..handle.bytes.len()].copy_from_slice(&handle.bytes);
                 Slot::Closed {
                     layer,
+                    used_once: false,
                     kind,
                     len: handle.bytes.len() as u8,
                     bytes,
@@ -311,6 +314,7 @@ impl FdCache {
             .insert(Arc::as_ptr(obj) as usize, handle);
         Slot::Closed {
             layer,
+            used_once: false,
             kind: 0,
             len: IN_SIDE_TABLE,
             bytes: [0; INLINE_HANDLE],
@@ -337,16 +341,24 @@ impl FdCache {
 impl ObjRef {
     /// The object's `O_PATH` descriptor, reopened from its handle if it was let go. Fails
     /// with ESTALE if the object is gone (deleted, and no longer open anywhere).
+    ///
+    /// An object let go of is taken back into the cache only at its second use since: the
+    /// first gets a descriptor of its own, closed when the caller drops it. A walk over more
+    /// objects than the budget (a second `find` over a big tree, which asks the attributes
+    /// of every directory again) would otherwise let go of each object just before it is
+    /// needed again, and pay a reopen and a let-go for every one; this way the objects
+    /// still held stay held, and the others cost one reopen each.
     pub fn fd(&self) -> io::Result<Arc<OwnedFd>> {
         let obj = &self.0;
         let mut slot = obj.slot.lock();
-        let (layer, handle) = match &mut *slot {
+        let (layer, handle, first_use) = match &mut *slot {
             Slot::Open { fd, used, .. } => {
                 *used = true;
                 return Ok(Arc::clone(fd));
             }
             Slot::Closed {
                 layer,
+                used_once,
                 kind,
                 len,
                 bytes,
@@ -364,10 +376,13 @@ impl ObjRef {
                         bytes: bytes[..n as usize].into(),
                     },
                 };
-                (*layer, handle)
+                (*layer, handle, !std::mem::replace(used_once, true))
             }
         };
         let fd = Arc::new(obj.cache.reopen(layer, &handle)?);
+        if first_use {
+            return Ok(fd);
+        }
         *slot = Slot::Open {
             fd: Arc::clone(&fd),
             layer,
@@ -619,6 +634,12 @@ mod tests {
         *obj.0.slot.lock() = cache.closed_aside(&obj.0, 0, handle);
         cache.held.fetch_sub(1, Ordering::Relaxed);
         assert_eq!(cache.long_handles.lock().len(), 1);
+        assert_eq!(key(&obj.fd().expect("first use")), k);
+        assert_eq!(
+            cache.long_handles.lock().len(),
+            1,
+            "let go of after a first use, which still needs it"
+        );
         assert_eq!(key(&obj.fd().expect("reopen")), k);
         assert_eq!(cache.long_handles.lock().len(), 0, "kept after the reopen");
         let (handle, _) = name_to_handle(obj.fd().expect("fd").as_fd()).expect("handle");
@@ -651,6 +672,42 @@ mod tests {
         cache.evict_to(0);
         assert!(a.is(a_again.as_fd()), "let go: the same file");
         assert!(!a.is(b.as_fd()), "let go: another file");
+        let _ = std::fs::remove_dir_all(&path);
+    }
+
+    /// The first use of an object let go of opens it for that use only (nothing else is
+    /// let go of for it); the second takes it back into the cache.
+    #[test]
+    fn a_let_go_object_is_taken_back_at_its_second_use() {
+        let (path, root) = dir();
+        let cache = FdCache::new(&[root.as_fd()]);
+        if cache.decoders[0].is_none() {
+            return;
+        }
+        cache.set_budget(2);
+        let mut objs = Vec::new();
+        for i in 0..3 {
+            let name = std::ffi::CString::new(format!("f{i}")).expect("name");
+            std::fs::write(path.join(format!("f{i}")), b"x").expect("write");
+            let fd = sys::open_path_at(root.as_fd(), &name).expect("open");
+            let k = key(&fd);
+            objs.push((cache.adopt(0, fd), k));
+        }
+        let is_open = |o: &ObjRef| matches!(*o.0.slot.lock(), Slot::Open { .. });
+        assert!(!is_open(&objs[0].0), "the oldest was not let go of");
+        assert!(is_open(&objs[1].0) && is_open(&objs[2].0));
+
+        assert_eq!(key(&objs[0].0.fd().expect("first use")), objs[0].1);
+        assert!(!is_open(&objs[0].0), "taken back at its first use");
+        assert!(
+            is_open(&objs[1].0) && is_open(&objs[2].0),
+            "another object let go of for a single use"
+        );
+        assert_eq!(cache.held(), 2);
+
+        assert_eq!(key(&objs[0].0.fd().expect("second use")), objs[0].1);
+        assert!(is_open(&objs[0].0), "not taken back at its second use");
+        assert!(cache.held() <= 2, "held {} with budget 2", cache.held());
         let _ = std::fs::remove_dir_all(&path);
     }
 

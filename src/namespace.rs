@@ -156,9 +156,10 @@ impl Union {
         let parent = self.node(state.parent)?;
         let upper_parent = self.upper_dir(&parent)?;
         let name = sys::component(&state.name)?;
-        let from = sys::stat_fd(state.obj.fd()?.as_fd())?;
+        let source = state.obj.fd()?;
+        let from = sys::stat_fd(source.as_fd())?;
         let copied = copy_up::copy_up(
-            state.obj.fd()?.as_fd(),
+            source.as_fd(),
             self.stack.work()?,
             upper_parent.as_fd(),
             &name,
