@@ -2,14 +2,16 @@
 //!
 //! On fuseblk the relay owns `/dev/fuse` (fuser cannot answer FUSE_SYNCFS), so a request that
 //! goes through fuser crosses two more threads, which on a small machine costs more than the
-//! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, SETATTR, the FORGETs,
-//! READLINK, OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR, RELEASE, READDIR(PLUS) of directories the kernel
-//! did not open, IOCTL (isatty on every opened file) — and READ (lower files are read
-//! through the daemon) are decoded here (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded
-//! as fuser would encode them. Everything else, anything that concerns the canary or does
-//! not parse, and anything that would first copy a lower file's data up (a copy and an fsync,
-//! which would hold up a thread that reads every request) goes on to the health hook and fuser
-//! unchanged.
+//! work itself. The requests that dominate metadata work — LOOKUP, GETATTR, SETATTR, the
+//! FORGETs, READLINK, OPEN, CREATE, MKDIR, SYMLINK, LINK, RENAME, GETXATTR, UNLINK, RMDIR,
+//! RELEASE, READDIR(PLUS) of directories the kernel did not open, IOCTL (isatty on every
+//! opened file) — and READ (lower files are read through the daemon) are decoded here
+//! (`wire`), answered by the same [`Core`] functions fuser's adapter calls, and encoded as
+//! fuser would encode them. A SETATTR, OPEN or LINK that would first copy a lower file's data
+//! up (a copy and an fsync, which would hold up a thread that reads every request) is
+//! offloaded: the same `Core` call, on one of the relay's workers, which replies without
+//! crossing fuser's threads. Everything else, and anything that concerns the canary or does
+//! not parse, goes on to the health hook and fuser unchanged.
 //!
 //! Must never: decide anything itself (the union's modules do), answer differently from
 //! fuser's path for the same request, or serve a request that touches the canary (its
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use crate::canary::{CANARY_FH, CANARY_ID};
 use crate::fs::Core;
 use crate::health::RelayHook;
-use crate::relay::{DeferredAnswer, InHeader, LocalAnswer, Served};
+use crate::relay::{DeferredAnswer, InHeader, LocalAnswer, OffloadedAnswer, Served};
 use crate::wire;
 
 const LOOKUP: u32 = 1;
@@ -56,11 +58,16 @@ impl FastPath {
 }
 
 /// The relay's answer for a request's result.
-fn served(result: Result<(), fuser::Errno>) -> Option<Served> {
-    Some(Served::Reply(match result {
+fn served(outcome: Result<(), fuser::Errno>) -> Option<Served> {
+    Some(Served::Reply(result(outcome)))
+}
+
+/// A request's result as the reply carries it: 0 or a negative errno.
+fn result(outcome: Result<(), fuser::Errno>) -> i32 {
+    match outcome {
         Ok(()) => 0,
         Err(e) => -e.code(),
-    }))
+    }
 }
 
 /// The relay's answer for a request that made a name: the new entry, encoded as LOOKUP's.
@@ -103,9 +110,8 @@ impl LocalAnswer for FastPath {
                 )
             }
             // utime/chmod/chown/truncate of an object already in the upper layer. A lower
-            // file's would copy its data up first (and fsync it): that one goes to fuser,
-            // so this thread never waits on a copy (and the copy costs far more than the
-            // two hops).
+            // file's would copy its data up first (and fsync it): that one is offloaded, so
+            // this thread never waits on a copy.
             SETATTR if node != CANARY_ID && !core.copies_file_up(node) => {
                 let set = wire::parse_setattr(body)?;
                 served(
@@ -135,7 +141,7 @@ impl LocalAnswer for FastPath {
             }
             LINK => {
                 let (old, name) = wire::parse_link(body)?;
-                // A link to a lower file copies it up first: fuser's, as for SETATTR.
+                // A link to a lower file copies it up first: offloaded, as for SETATTR.
                 if core.copies_file_up(old) {
                     return None;
                 }
@@ -179,7 +185,7 @@ impl LocalAnswer for FastPath {
             })),
             OPEN if node != CANARY_ID => {
                 let open = wire::parse_open(body)?;
-                // Writing to a lower file copies it up first: fuser's, as for SETATTR.
+                // Writing to a lower file copies it up first: offloaded, as for SETATTR.
                 if core.open_copies_file_up(node, open.flags as i32) {
                     return None;
                 }
@@ -256,6 +262,48 @@ impl LocalAnswer for FastPath {
 
     fn answer(&self, opcode: u32, header: &InHeader, body: &[u8]) -> Option<i32> {
         self.rest.answer(opcode, header, body)
+    }
+
+    /// The changes `serve` leaves because they copy a lower file up first (a copy and an
+    /// fsync): the same work, on one of the relay's workers.
+    fn offload(&self, header: &InHeader, body: &[u8]) -> Option<OffloadedAnswer> {
+        let core = Arc::clone(&self.core);
+        let node = header.nodeid;
+        let copies_up = |ino: u64| ino != CANARY_ID && core.copies_file_up(ino);
+        match header.opcode {
+            SETATTR if copies_up(node) => {
+                let set = wire::parse_setattr(body)?;
+                let (uid, gid, pid) = (header.uid, header.gid, header.pid);
+                Some(Box::new(move |out| {
+                    result(
+                        core.setattr_of(node, &set, uid, gid, pid)
+                            .map(|attr| wire::put_attr_out(out, &core.ttl(), &attr)),
+                    )
+                }))
+            }
+            OPEN if copies_up(node) => {
+                let open = wire::parse_open(body)?;
+                Some(Box::new(move |out| {
+                    result(
+                        core.open_file_of(node, open.flags as i32)
+                            .map(|o| wire::put_open_out(out, o.fh, o.flags, o.io.backing_id())),
+                    )
+                }))
+            }
+            LINK => {
+                let (old, name) = wire::parse_link(body)?;
+                if !copies_up(old) {
+                    return None;
+                }
+                let name = name.to_os_string();
+                Some(Box::new(move |out| {
+                    result(core.link_entry(old, node, &name).map(|(attr, generation)| {
+                        wire::put_entry_out(out, &core.ttl(), &attr, generation)
+                    }))
+                }))
+            }
+            _ => None,
+        }
     }
 
     fn defer(&self, header: &InHeader, body: &[u8]) -> Option<DeferredAnswer> {

@@ -17,12 +17,15 @@
 //!   alone, and it collects FORGETs in batches (see `DeviceWait`);
 //! * outbound (one thread): receive fuser's replies and notifications from the
 //!   socket and write each one, unchanged, to the device;
+//! * workers (a small fixed pool): run the requests the daemon offloads
+//!   ([`LocalAnswer::offload`]: served like the others, but they may wait on a disk for
+//!   long, a copy-up's fsync) and reply to them, so no reading thread waits meanwhile;
 //! * io_uring queues (one thread per possible CPU, only if the kernel offers
 //!   FUSE-over-io_uring at INIT and `start` was asked to use it; see [`crate::uring`]):
 //!   after INIT the kernel puts requests in ring entries instead, each on its caller's
 //!   CPU's queue. A queue's thread handles them exactly as an inbound thread would, and
-//!   commits the replies through the entry; fuser's replies to them, and deferred answers,
-//!   are left in the queue's mailbox for its thread to commit. FORGET and INTERRUPT still
+//!   commits the replies through the entry; fuser's replies to them, and the workers' and
+//!   deferred answers, are left in the queue's mailbox for its thread to commit. FORGET and INTERRUPT still
 //!   come through the device.
 //!
 //! It also owns shutdown: when the device reports ENODEV (unmount or abort), or
@@ -223,6 +226,16 @@ pub trait LocalAnswer: Send + Sync {
         None
     }
 
+    /// For requests that may wait long but are otherwise served like [`LocalAnswer::serve`]
+    /// (a change that first copies a lower file up: a copy and an fsync): a job that does
+    /// the work, puts the reply payload in its buffer and returns 0 or a negative errno.
+    /// One of the relay's workers runs it and replies, so the reading thread goes on with
+    /// other requests meanwhile, and the request does not cross fuser's two extra threads.
+    /// Consulted after `serve`, before `defer`, for the same requests as `defer`.
+    fn offload(&self, _header: &InHeader, _body: &[u8]) -> Option<OffloadedAnswer> {
+        None
+    }
+
     /// Runs on the reading thread when FUSE_DESTROY arrives, before it goes to fuser. On a
     /// fuseblk mount umount waits for that reply, so work done here (flushing the upper
     /// layer) is finished by the time umount returns.
@@ -231,6 +244,18 @@ pub trait LocalAnswer: Send + Sync {
 
 /// A job computing the result of one deferred request; see [`LocalAnswer::defer`].
 pub type DeferredAnswer = Box<dyn FnOnce() -> i32 + Send>;
+
+/// A job serving one offloaded request; see [`LocalAnswer::offload`].
+pub type OffloadedAnswer = Box<dyn FnOnce(&mut Vec<u8>) -> i32 + Send>;
+
+/// Work handed to the relay's workers.
+type WorkerJob = Box<dyn FnOnce() + Send>;
+
+/// How many workers run offloaded requests: each may wait on a disk for a while (a copy-up
+/// of a big file), and more than one caller may be waiting for one.
+fn worker_count(fuser_threads: usize) -> usize {
+    (2 * fuser_threads).max(4)
+}
 
 /// What the daemon did with a request it served on the relay thread; see
 /// [`LocalAnswer::serve`].
@@ -370,6 +395,9 @@ struct Shared {
     mailboxes: OnceLock<Vec<Mailbox>>,
     /// The queue threads, started after INIT.
     ring_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Where offloaded requests go to the workers (who hold the receiving end: they leave
+    /// when this is dropped with the rest of the relay).
+    workers: Sender<WorkerJob>,
     /// Test-only statistics: requests seen per opcode (63 = "63 or above"),
     /// and the largest request forwarded / reply relayed.
     #[cfg(test)]
@@ -479,6 +507,13 @@ impl Shared {
             }
         }
         if !is_protocol(header.opcode)
+            && let Some(job) = self.local.offload(header, body)
+        {
+            replies.reply_later(self, header);
+            self.run_offloaded(*header, job);
+            return;
+        }
+        if !is_protocol(header.opcode)
             && let Some(job) = self.local.defer(header, body)
         {
             replies.reply_later(self, header);
@@ -548,6 +583,36 @@ impl Shared {
             .fetch_max(message.len(), Ordering::Relaxed);
         if header.opcode == opcode::DESTROY {
             self.begin_shutdown(ShutdownCause::DestroyForwarded);
+        }
+    }
+
+    /// Hands an offloaded request to the workers, which reply with its result.
+    fn run_offloaded(self: &Arc<Self>, header: InHeader, job: OffloadedAnswer) {
+        let shared = Arc::clone(self);
+        let work: WorkerJob = Box::new(move || {
+            let mut payload = Vec::new();
+            match std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut payload))) {
+                Ok(result) => shared.reply(&header, normalize_errno(result), &payload),
+                Err(_) => {
+                    log::error!(
+                        "relay: serving request {} (opcode {}) panicked; answering EIO",
+                        header.unique,
+                        header.opcode
+                    );
+                    shared.answer(&header, -libc::EIO);
+                }
+            }
+        });
+        // The workers leave only once this sender is gone, so the send cannot fail while
+        // the relay runs.
+        if let Err(e) = self.workers.send(work) {
+            log::error!(
+                "relay: no worker takes request {} (opcode {}); answering EIO",
+                header.unique,
+                header.opcode
+            );
+            drop(e);
+            self.answer(&header, -libc::EIO);
         }
     }
 
@@ -1283,6 +1348,7 @@ pub fn start(
     } else {
         None
     };
+    let (workers, work) = crossbeam_channel::unbounded::<WorkerJob>();
     let shared = Arc::new(Shared {
         device,
         socket: relay_end,
@@ -1307,6 +1373,7 @@ pub fn start(
         ring_pending: Mutex::new(HashMap::new()),
         mailboxes: OnceLock::new(),
         ring_threads: Mutex::new(Vec::new()),
+        workers,
         #[cfg(test)]
         seen: std::array::from_fn(|_| AtomicU64::new(0)),
         #[cfg(test)]
@@ -1324,6 +1391,16 @@ pub fn start(
         threads.push(spawn(&format!("ovlfuse-relay-in{i}"), move || {
             inb.inbound(i)
         })?);
+    }
+    // Not joined: a worker holds no part of the relay while it waits, and leaves when the
+    // relay (and with it the sending end) is dropped.
+    for i in 0..worker_count(fuser_threads) {
+        let work = work.clone();
+        spawn(&format!("ovlfuse-work{i}"), move || {
+            while let Ok(job) = work.recv() {
+                job();
+            }
+        })?;
     }
     Ok((Relay { shared, threads }, fuser_end, max_write_u32))
 }
@@ -1861,25 +1938,38 @@ mod tests {
 
     const LOOKUP: u32 = 1;
     const GETATTR: u32 = 3;
+    const SETATTR: u32 = 4;
     const OPEN: u32 = 14;
 
     /// Serves GETATTR with a payload made from the request (its body, then its unique),
     /// LOOKUP with a positive ENOENT and a payload that must not be sent, FORGET and
     /// BATCH_FORGET with `forgets` (a wrong `Reply(0)` included), and nothing else.
+    /// Offloads SETATTR when `gate` is set: the job waits for a word from the gate, then
+    /// replies with the request's body, or panics if the word is `PANIC`.
     /// Records the opcode of every call to each method.
     struct Recorder {
         forgets: Option<Served>,
+        gate: Option<Receiver<u32>>,
         served: Mutex<Vec<u32>>,
         answered: Mutex<Vec<u32>>,
+        offloaded: Mutex<Vec<u32>>,
         deferred: Mutex<Vec<u32>>,
     }
 
+    const PANIC: u32 = 666;
+
     impl Recorder {
         fn new(forgets: Option<Served>) -> Arc<Recorder> {
+            Recorder::with_gate(forgets, None)
+        }
+
+        fn with_gate(forgets: Option<Served>, gate: Option<Receiver<u32>>) -> Arc<Recorder> {
             Arc::new(Recorder {
                 forgets,
+                gate,
                 served: Mutex::new(Vec::new()),
                 answered: Mutex::new(Vec::new()),
+                offloaded: Mutex::new(Vec::new()),
                 deferred: Mutex::new(Vec::new()),
             })
         }
@@ -1910,6 +2000,19 @@ mod tests {
         fn answer(&self, op: u32, _header: &InHeader, _body: &[u8]) -> Option<i32> {
             self.answered.lock().push(op);
             None
+        }
+
+        fn offload(&self, header: &InHeader, body: &[u8]) -> Option<OffloadedAnswer> {
+            self.offloaded.lock().push(header.opcode);
+            let gate = self.gate.clone().filter(|_| header.opcode == SETATTR)?;
+            let body = body.to_vec();
+            Some(Box::new(move |out| {
+                if gate.recv_timeout(HANG_LIMIT) == Ok(PANIC) {
+                    panic!("an offloaded job panics");
+                }
+                out.extend_from_slice(&body);
+                0
+            }))
         }
 
         fn defer(&self, header: &InHeader, _body: &[u8]) -> Option<DeferredAnswer> {
@@ -2087,6 +2190,7 @@ mod tests {
         let header = InHeader::parse(&forwarded).unwrap();
         assert_eq!((header.opcode, header.unique), (OPEN, 20));
         assert_eq!(&forwarded[IN_HEADER_LEN..], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(*hook.offloaded.lock(), [OPEN]);
         assert_eq!(*hook.deferred.lock(), [OPEN]);
         assert_eq!(*hook.answered.lock(), [OPEN]);
 
@@ -2110,7 +2214,50 @@ mod tests {
             [OPEN, opcode::FORGET, opcode::BATCH_FORGET, opcode::TMPFILE]
         );
         assert_eq!(*hook.answered.lock(), [OPEN, opcode::TMPFILE]);
+        assert_eq!(*hook.offloaded.lock(), [OPEN, opcode::TMPFILE]);
         assert_eq!(*hook.deferred.lock(), [OPEN, opcode::TMPFILE]);
+        dev.finish();
+    }
+
+    /// Offloaded requests wait on the relay's workers, not on the threads that read
+    /// requests: with more of them waiting than there are reading threads, a served
+    /// request still gets its reply. Each offloaded one then gets its own payload, and one
+    /// whose job panics gets EIO.
+    #[test]
+    fn offloaded_requests_hold_up_no_reader() {
+        let (open_gate, gate) = crossbeam_channel::unbounded();
+        let hook = Recorder::with_gate(None, Some(gate));
+        let dev = FakeDevice::start(hook.clone());
+        let waiting = INBOUND_THREADS + 1;
+        for i in 0..waiting as u64 {
+            dev.send(SETATTR, 40 + 2 * i, &[i as u8; 8]);
+        }
+        dev.send(GETATTR, 60, &[7; 16]);
+        assert_eq!(out_header(&dev.reply()), (16 + 16 + 8, 0, 60));
+
+        for _ in 1..waiting {
+            open_gate.send(0).unwrap();
+        }
+        open_gate.send(PANIC).unwrap();
+        let mut replies: Vec<_> = (0..waiting).map(|_| dev.reply()).collect();
+        replies.sort_by_key(|r| out_header(r).2);
+        let mut panicked = 0;
+        for (i, reply) in replies.iter().enumerate() {
+            let (len, error, unique) = out_header(reply);
+            assert_eq!(unique, 40 + 2 * i as u64);
+            if error == -libc::EIO {
+                assert_eq!(len, 16, "an error reply carries no payload");
+                panicked += 1;
+            } else {
+                assert_eq!((len, error), (16 + 8, 0));
+                assert_eq!(&reply[16..], &[i as u8; 8]);
+            }
+        }
+        assert_eq!(panicked, 1);
+        dev.assert_no_reply();
+        dev.assert_nothing_forwarded();
+        assert_eq!(hook.offloaded.lock().len(), waiting);
+        assert!(hook.deferred.lock().is_empty());
         dev.finish();
     }
 
