@@ -101,19 +101,45 @@ pub fn copy_up(
         return Err(io::Error::from_raw_os_error(libc::EIO));
     }
 
-    if let Some(dst) = &data_fd
-        && opts.with_data
-    {
-        let input = sys::reopen(src, libc::O_RDONLY)?;
-        copy_data(input.as_fd(), dst.as_fd(), st.st_size as u64)?;
+    // A regular file is read, and its copy written, through descriptors opened for I/O; its
+    // metadata then takes one system call each, where a name or handle needs a path walk.
+    let input = match &data_fd {
+        Some(_) if opts.with_data => Some(sys::reopen(src, libc::O_RDONLY)?),
+        _ => None,
+    };
+    if let (Some(dst), Some(input)) = (&data_fd, &input) {
+        copy_data(input.as_fd(), dst.as_fd(), st.st_size as u64, made.st_dev)?;
     }
 
-    sys::chown_at(work, &temp, st.st_uid, st.st_gid)?;
-    copy_xattrs(src, handle.as_fd(), kind, opts.private_xattr_prefix)?;
-    if kind != libc::S_IFLNK {
-        sys::chmod_at(work, &temp, st.st_mode & 0o7777)?;
+    // This process made the copy: it may have the owner already (a rootful daemon's files
+    // and root's lower files), and then there is nothing to change.
+    if (made.st_uid, made.st_gid) != (st.st_uid, st.st_gid) {
+        match &data_fd {
+            Some(fd) => sys::chown_open_fd(fd.as_fd(), st.st_uid, st.st_gid)?,
+            None => sys::chown_at(work, &temp, st.st_uid, st.st_gid)?,
+        }
     }
-    sys::set_times_at(work, &temp, &st)?;
+    let from = match &input {
+        Some(fd) => Inode::Open(fd.as_fd()),
+        None => Inode::Handle(src),
+    };
+    let to = match &data_fd {
+        Some(fd) => Inode::Open(fd.as_fd()),
+        None => Inode::Handle(handle.as_fd()),
+    };
+    copy_xattrs(from, to, kind, opts.private_xattr_prefix)?;
+    match &data_fd {
+        Some(fd) => {
+            sys::chmod_open_fd(fd.as_fd(), st.st_mode & 0o7777)?;
+            sys::set_times_open_fd(fd.as_fd(), &st)?;
+        }
+        None => {
+            if kind != libc::S_IFLNK {
+                sys::chmod_at(work, &temp, st.st_mode & 0o7777)?;
+            }
+            sys::set_times_at(work, &temp, &st)?;
+        }
+    }
 
     if opts.durable {
         match (&data_fd, kind) {
@@ -193,24 +219,56 @@ impl Drop for TempGuard<'_> {
     }
 }
 
-/// Copies the extended attributes of `src` onto the new object `dst` (both handles).
+/// An object whose extended attributes copy-up reads or writes.
+#[derive(Clone, Copy)]
+enum Inode<'a> {
+    /// A descriptor opened for I/O (`f*xattr`).
+    Open(BorrowedFd<'a>),
+    /// An `O_PATH` handle (through its /proc link).
+    Handle(BorrowedFd<'a>),
+}
+
+impl Inode<'_> {
+    fn list_xattr(self) -> io::Result<Vec<std::ffi::OsString>> {
+        match self {
+            Inode::Open(fd) => sys::list_xattr_open_fd(fd),
+            Inode::Handle(fd) => sys::list_xattr(fd),
+        }
+    }
+
+    fn get_xattr(self, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Inode::Open(fd) => sys::get_xattr_open_fd(fd, name),
+            Inode::Handle(fd) => sys::get_xattr(fd, name),
+        }
+    }
+
+    fn set_xattr(self, name: &CStr, value: &[u8]) -> io::Result<()> {
+        match self {
+            Inode::Open(fd) => sys::set_xattr_open_fd(fd, name, value, 0),
+            Inode::Handle(fd) => sys::set_xattr(fd, name, value, 0),
+        }
+    }
+}
+
+/// Copies the extended attributes of `src` onto the new object `dst`.
 fn copy_xattrs(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
+    src: Inode<'_>,
+    dst: Inode<'_>,
     kind: libc::mode_t,
     private_prefix: &str,
 ) -> io::Result<()> {
-    for xname in sys::list_xattr(src)? {
+    for xname in src.list_xattr()? {
         let bytes = xname.as_bytes();
         if !crate::xattr::is_user_data(bytes, private_prefix) {
             continue;
         }
         let cname = CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // Gone since the listing: nothing to copy.
-        let Some(value) = sys::get_xattr(src, &cname)? else {
+        let Some(value) = src.get_xattr(&cname)? else {
             continue;
         };
-        if let Err(e) = sys::set_xattr(dst, &cname, &value, 0) {
+        if let Err(e) = dst.set_xattr(&cname, &value) {
             let must = must_copy_xattr(bytes);
             match e.raw_os_error() {
                 // The upper filesystem does not know this attribute: like the kernel overlay,
@@ -238,16 +296,32 @@ fn must_copy_xattr(name: &[u8]) -> bool {
         || name == b"system.posix_acl_default"
 }
 
-/// Copies the data of `input` into the empty file `output`: a reflink when the filesystem
-/// can, else only the data regions (holes stay holes), then the size.
-fn copy_data(input: BorrowedFd<'_>, output: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+/// The filesystem (`st_dev`) that last refused a reflink outright (EOPNOTSUPP, as ext4
+/// always does): copy-ups onto it go straight to copying.
+static CANNOT_CLONE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Copies the data of `input` into the empty file `output` (on filesystem `output_dev`): a
+/// reflink when the filesystem can, else only the data regions (holes stay holes), then the
+/// size.
+fn copy_data(
+    input: BorrowedFd<'_>,
+    output: BorrowedFd<'_>,
+    size: u64,
+    output_dev: u64,
+) -> io::Result<()> {
     if size == 0 {
         return Ok(());
     }
-    // SAFETY: both fds are valid; FICLONE takes the source fd as its argument.
-    let cloned = unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) } == 0;
-    if cloned {
-        return Ok(());
+    if CANNOT_CLONE.load(Ordering::Relaxed) != output_dev {
+        // SAFETY: both fds are valid; FICLONE takes the source fd as its argument.
+        let cloned =
+            unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) } == 0;
+        if cloned {
+            return Ok(());
+        }
+        if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            CANNOT_CLONE.store(output_dev, Ordering::Relaxed);
+        }
     }
     let mut use_cfr = true;
     let mut offset = 0u64;
@@ -279,7 +353,12 @@ fn copy_data(input: BorrowedFd<'_>, output: BorrowedFd<'_>, size: u64) -> io::Re
         }
         offset = hole;
     }
-    sys::ftruncate(output, size)
+    // Copying up to the end made the size already; a trailing hole (or a source that got
+    // shorter meanwhile) leaves it to set.
+    if offset < size {
+        sys::ftruncate(output, size)?;
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes at `offset` (same offset on both sides). Returns the bytes copied,
@@ -556,6 +635,29 @@ mod tests {
         assert_eq!(&buf[..4], b"tail");
         f.read_exact_at(&mut buf, 1 << 30).unwrap();
         assert_eq!(buf, [0; 6]);
+    }
+
+    /// A file that ends in a hole: the copy has the whole size (the copying stops at the
+    /// last data), and the hole stays one.
+    #[test]
+    fn a_trailing_hole_keeps_the_size() {
+        let e = env();
+        let src = e.lower_path.join("tail-hole");
+        {
+            let f = std::fs::File::create(&src).unwrap();
+            f.write_all_at(b"data", 0).unwrap();
+            f.set_len(64 << 20).unwrap();
+        }
+        copy(&e, "tail-hole", &opts(TRUSTED)).unwrap();
+        let st = lstat(&e.upper_path.join("tail-hole"));
+        assert_eq!(st.st_size, 64 << 20);
+        assert!(st.st_blocks <= 64, "st_blocks = {}", st.st_blocks);
+        let mut head = [0u8; 4];
+        std::fs::File::open(e.upper_path.join("tail-hole"))
+            .unwrap()
+            .read_exact_at(&mut head, 0)
+            .unwrap();
+        assert_eq!(&head, b"data");
     }
 
     /// A version-2 `security.capability` value granting CAP_NET_BIND_SERVICE (effective).

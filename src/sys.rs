@@ -198,18 +198,7 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>>
     read_xattr(|buf: &mut [u8]| {
         // SAFETY: valid path and name; a null buffer with size 0 asks for the size only,
         // else buf is valid for its length.
-        unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                if buf.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                buf.len(),
-            )
-        }
+        unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf_ptr(buf), buf.len()) }
     })
 }
 
@@ -308,9 +297,62 @@ fn read_xattr(mut get: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Opt
 /// All extended attribute names of the inode behind a handle.
 pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     let path = proc_fd_path(fd);
+    read_xattr_names(|buf: &mut [u8]| {
+        // SAFETY: valid path; a null buffer with size 0 asks for the size only, else buf is
+        // valid for its length.
+        unsafe { libc::listxattr(path.as_ptr(), buf_ptr(buf).cast(), buf.len()) }
+    })
+}
+
+/// All extended attribute names of a descriptor opened for I/O (no path walk).
+pub fn list_xattr_open_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    read_xattr_names(|buf: &mut [u8]| {
+        // SAFETY: as in `list_xattr`, on a valid descriptor.
+        unsafe { libc::flistxattr(fd.as_raw_fd(), buf_ptr(buf).cast(), buf.len()) }
+    })
+}
+
+/// One extended attribute of a descriptor opened for I/O; `Ok(None)` if it does not exist.
+pub fn get_xattr_open_fd(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    read_xattr(|buf: &mut [u8]| {
+        // SAFETY: valid descriptor and name; buffer as in `get_xattr`.
+        unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf_ptr(buf), buf.len()) }
+    })
+}
+
+/// Sets an extended attribute of a descriptor opened for I/O.
+pub fn set_xattr_open_fd(
+    fd: BorrowedFd<'_>,
+    name: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    // SAFETY: valid descriptor, name and value buffer.
+    check(unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+/// The buffer argument of a getxattr-like call: null for an empty buffer (a size query).
+fn buf_ptr(buf: &mut [u8]) -> *mut libc::c_void {
+    if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    }
+}
+
+/// The attribute names a listxattr-like call `list(buf)` gives (an empty buffer asks for
+/// the size). An object without attributes costs the size query alone.
+fn read_xattr_names(mut list: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<OsString>> {
     loop {
-        // SAFETY: size query.
-        let size = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+        let size = list(&mut []);
         if size < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
@@ -318,9 +360,11 @@ pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
                 _ => Err(err),
             };
         }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
         let mut buf = vec![0u8; size as usize];
-        // SAFETY: buf valid for its length.
-        let got = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let got = list(&mut buf);
         if got < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::ERANGE) {
@@ -602,7 +646,6 @@ pub fn chown_open_fd(fd: BorrowedFd<'_>, uid: libc::uid_t, gid: libc::gid_t) -> 
     check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
 }
 
-/// `fchmod` of a descriptor opened for I/O (on an `O_PATH` one it fails with EBADF).
 /// `openat(dir, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)`: a new file,
 /// opened with `flags`; fails with EEXIST if anything has the name.
 pub fn create_open_at(
@@ -682,9 +725,31 @@ pub fn keep_caps_across_fsuid() -> io::Result<()> {
     })
 }
 
+/// `fchmod` of a descriptor opened for I/O (on an `O_PATH` one it fails with EBADF).
 pub fn chmod_open_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: valid fd.
     check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })
+}
+
+/// Sets the access and modification times of a descriptor opened for I/O to `st`'s.
+pub fn set_times_open_fd(fd: BorrowedFd<'_>, st: &libc::stat) -> io::Result<()> {
+    let times = times_of(st);
+    // SAFETY: valid fd and a two-element times array.
+    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) })
+}
+
+/// `st`'s access and modification times, as utimensat(2) takes them.
+fn times_of(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
 }
 
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
@@ -739,16 +804,7 @@ pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Res
 }
 
 pub fn set_times_at(dir: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()> {
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
+    let times = times_of(st);
     // SAFETY: valid fd, name and a two-element times array.
     check(unsafe {
         libc::utimensat(
