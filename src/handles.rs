@@ -579,6 +579,21 @@ mod tests {
         (st.st_dev, st.st_ino)
     }
 
+    /// Makes file `f<i>` in the test directory and puts it under `cache`'s management;
+    /// returns the object and its (st_dev, st_ino).
+    fn adopt_new_file(
+        cache: &Arc<FdCache>,
+        path: &std::path::Path,
+        root: &OwnedFd,
+        i: usize,
+    ) -> (ObjRef, (u64, u64)) {
+        let name = std::ffi::CString::new(format!("f{i}")).expect("name");
+        std::fs::write(path.join(format!("f{i}")), b"x").expect("write");
+        let fd = sys::open_path_at(root.as_fd(), &name).expect("open");
+        let k = key(&fd);
+        (cache.adopt(0, fd), k)
+    }
+
     /// Past the budget, the least recently used objects let go of their descriptors and
     /// come back as the same objects (after a rename too); a used object keeps its own.
     #[test]
@@ -592,11 +607,7 @@ mod tests {
         cache.set_budget(4);
         let mut objs = Vec::new();
         for i in 0..10 {
-            let name = std::ffi::CString::new(format!("f{i}")).expect("name");
-            std::fs::write(path.join(format!("f{i}")), b"x").expect("write");
-            let fd = sys::open_path_at(root.as_fd(), &name).expect("open");
-            let k = key(&fd);
-            objs.push((cache.adopt(0, fd), k));
+            objs.push(adopt_new_file(&cache, &path, &root, i));
             // Keep the first one in use: it must survive every sweep.
             objs[0].0.fd().expect("fd");
         }
@@ -685,14 +696,9 @@ mod tests {
             return;
         }
         cache.set_budget(2);
-        let mut objs = Vec::new();
-        for i in 0..3 {
-            let name = std::ffi::CString::new(format!("f{i}")).expect("name");
-            std::fs::write(path.join(format!("f{i}")), b"x").expect("write");
-            let fd = sys::open_path_at(root.as_fd(), &name).expect("open");
-            let k = key(&fd);
-            objs.push((cache.adopt(0, fd), k));
-        }
+        let objs: Vec<_> = (0..3)
+            .map(|i| adopt_new_file(&cache, &path, &root, i))
+            .collect();
         let is_open = |o: &ObjRef| matches!(*o.0.slot.lock(), Slot::Open { .. });
         assert!(!is_open(&objs[0].0), "the oldest was not let go of");
         assert!(is_open(&objs[1].0) && is_open(&objs[2].0));
