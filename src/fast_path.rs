@@ -267,11 +267,12 @@ impl LocalAnswer for FastPath {
     /// The changes `serve` leaves because they copy a lower file up first (a copy and an
     /// fsync): the same work, on one of the relay's workers.
     fn offload(&self, header: &InHeader, body: &[u8]) -> Option<OffloadedAnswer> {
-        let core = Arc::clone(&self.core);
         let node = header.nodeid;
-        let copies_up = |ino: u64| ino != CANARY_ID && core.copies_file_up(ino);
+        let copies_up = |ino: u64| ino != CANARY_ID && self.core.copies_file_up(ino);
+        let core = || Arc::clone(&self.core);
         match header.opcode {
             SETATTR if copies_up(node) => {
+                let core = core();
                 let set = wire::parse_setattr(body)?;
                 let (uid, gid, pid) = (header.uid, header.gid, header.pid);
                 Some(Box::new(move |out| {
@@ -282,6 +283,7 @@ impl LocalAnswer for FastPath {
                 }))
             }
             OPEN if copies_up(node) => {
+                let core = core();
                 let open = wire::parse_open(body)?;
                 Some(Box::new(move |out| {
                     result(
@@ -295,6 +297,7 @@ impl LocalAnswer for FastPath {
                 if !copies_up(old) {
                     return None;
                 }
+                let core = core();
                 let name = name.to_os_string();
                 Some(Box::new(move |out| {
                     result(core.link_entry(old, node, &name).map(|(attr, generation)| {

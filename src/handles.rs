@@ -574,6 +574,19 @@ mod tests {
         (path, fd)
     }
 
+    /// A test directory and a cache for it, or `None` (said on stderr) where this process
+    /// cannot reopen objects by handle (not root).
+    fn handle_cache() -> Option<(std::path::PathBuf, OwnedFd, Arc<FdCache>)> {
+        let (path, root) = dir();
+        let cache = FdCache::new(&[root.as_fd()]);
+        if cache.decoders[0].is_none() {
+            eprintln!("no handle support here (not root?): nothing to check");
+            let _ = std::fs::remove_dir_all(&path);
+            return None;
+        }
+        Some((path, root, cache))
+    }
+
     fn key(fd: &OwnedFd) -> (u64, u64) {
         let st = sys::stat_fd(fd.as_fd()).expect("stat");
         (st.st_dev, st.st_ino)
@@ -598,12 +611,9 @@ mod tests {
     /// come back as the same objects (after a rename too); a used object keeps its own.
     #[test]
     fn objects_past_the_budget_let_go_and_come_back_as_themselves() {
-        let (path, root) = dir();
-        let cache = FdCache::new(&[root.as_fd()]);
-        if cache.decoders[0].is_none() {
-            eprintln!("no handle support here (not root?): nothing to check");
+        let Some((path, root, cache)) = handle_cache() else {
             return;
-        }
+        };
         cache.set_budget(4);
         let mut objs = Vec::new();
         for i in 0..10 {
@@ -626,17 +636,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&path);
     }
 
-    /// A deleted object that nobody has open any more cannot come back: ESTALE, not some
-    /// other object.
     /// A handle too long to keep inline round-trips through the side table, which lets go
     /// of it when the object is reopened or dropped.
     #[test]
     fn long_handles_are_kept_aside_and_released() {
-        let (path, root) = dir();
-        let cache = FdCache::new(&[root.as_fd()]);
-        if cache.decoders[0].is_none() {
+        let Some((path, root, cache)) = handle_cache() else {
             return;
-        }
+        };
         std::fs::write(path.join("f"), b"x").expect("write");
         let fd = sys::open_path_at(root.as_fd(), c"f").expect("open");
         let k = key(&fd);
@@ -666,11 +672,9 @@ mod tests {
     /// apart from that file (by the handle's generation); a held one needs no comparison.
     #[test]
     fn a_let_go_object_is_told_apart_from_a_new_one() {
-        let (path, root) = dir();
-        let cache = FdCache::new(&[root.as_fd()]);
-        if cache.decoders[0].is_none() {
+        let Some((path, root, cache)) = handle_cache() else {
             return;
-        }
+        };
         std::fs::write(path.join("a"), b"x").expect("write");
         std::fs::write(path.join("b"), b"y").expect("write");
         let a = cache.adopt(0, sys::open_path_at(root.as_fd(), c"a").expect("open"));
@@ -690,11 +694,9 @@ mod tests {
     /// let go of for it); the second takes it back into the cache.
     #[test]
     fn a_let_go_object_is_taken_back_at_its_second_use() {
-        let (path, root) = dir();
-        let cache = FdCache::new(&[root.as_fd()]);
-        if cache.decoders[0].is_none() {
+        let Some((path, root, cache)) = handle_cache() else {
             return;
-        }
+        };
         cache.set_budget(2);
         let objs: Vec<_> = (0..3)
             .map(|i| adopt_new_file(&cache, &path, &root, i))
@@ -727,13 +729,13 @@ mod tests {
         );
     }
 
+    /// A deleted object that nobody has open any more cannot come back: ESTALE, not some
+    /// other object.
     #[test]
     fn a_deleted_object_comes_back_as_stale() {
-        let (path, root) = dir();
-        let cache = FdCache::new(&[root.as_fd()]);
-        if cache.decoders[0].is_none() {
+        let Some((path, root, cache)) = handle_cache() else {
             return;
-        }
+        };
         std::fs::write(path.join("gone"), b"x").expect("write");
         let obj = cache.adopt(0, sys::open_path_at(root.as_fd(), c"gone").expect("open"));
         cache.evict_to(0);

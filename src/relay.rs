@@ -25,8 +25,8 @@
 //!   after INIT the kernel puts requests in ring entries instead, each on its caller's
 //!   CPU's queue. A queue's thread handles them exactly as an inbound thread would, and
 //!   commits the replies through the entry; fuser's replies to them, and the workers' and
-//!   deferred answers, are left in the queue's mailbox for its thread to commit. FORGET and INTERRUPT still
-//!   come through the device.
+//!   deferred answers, are left in the queue's mailbox for its thread to commit. FORGET
+//!   and INTERRUPT still come through the device.
 //!
 //! It also owns shutdown: when the device reports ENODEV (unmount or abort), or
 //! after a FUSE_DESTROY was forwarded, it injects synthetic FUSE_DESTROY messages
@@ -604,14 +604,13 @@ impl Shared {
             }
         });
         // The workers leave only once this sender is gone, so the send cannot fail while
-        // the relay runs.
-        if let Err(e) = self.workers.send(work) {
+        // the relay runs; if it ever does, the caller still gets an answer.
+        if self.workers.send(work).is_err() {
             log::error!(
                 "relay: no worker takes request {} (opcode {}); answering EIO",
                 header.unique,
                 header.opcode
             );
-            drop(e);
             self.answer(&header, -libc::EIO);
         }
     }
