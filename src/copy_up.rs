@@ -120,14 +120,14 @@ pub fn copy_up(
         }
     }
     let from = match &input {
-        Some(fd) => Inode::Open(fd.as_fd()),
-        None => Inode::Handle(src),
+        Some(fd) => sys::XattrSource::Open(fd.as_fd()),
+        None => sys::XattrSource::Handle(src),
     };
-    let to = match &data_fd {
-        Some(fd) => Inode::Open(fd.as_fd()),
-        None => Inode::Handle(handle.as_fd()),
+    let set = |name: &CStr, value: &[u8]| match &data_fd {
+        Some(fd) => sys::set_xattr_open_fd(fd.as_fd(), name, value, 0),
+        None => sys::set_xattr(handle.as_fd(), name, value, 0),
     };
-    copy_xattrs(from, to, kind, opts.private_xattr_prefix)?;
+    copy_xattrs(from, set, kind, opts.private_xattr_prefix)?;
     match &data_fd {
         Some(fd) => {
             sys::chmod_open_fd(fd.as_fd(), st.st_mode & 0o7777)?;
@@ -219,56 +219,25 @@ impl Drop for TempGuard<'_> {
     }
 }
 
-/// An object whose extended attributes copy-up reads or writes.
-#[derive(Clone, Copy)]
-enum Inode<'a> {
-    /// A descriptor opened for I/O (`f*xattr`).
-    Open(BorrowedFd<'a>),
-    /// An `O_PATH` handle (through its /proc link).
-    Handle(BorrowedFd<'a>),
-}
-
-impl Inode<'_> {
-    fn list_xattr(self) -> io::Result<Vec<std::ffi::OsString>> {
-        match self {
-            Inode::Open(fd) => sys::list_xattr_open_fd(fd),
-            Inode::Handle(fd) => sys::list_xattr(fd),
-        }
-    }
-
-    fn get_xattr(self, name: &CStr) -> io::Result<Option<Vec<u8>>> {
-        match self {
-            Inode::Open(fd) => sys::get_xattr_open_fd(fd, name),
-            Inode::Handle(fd) => sys::get_xattr(fd, name),
-        }
-    }
-
-    fn set_xattr(self, name: &CStr, value: &[u8]) -> io::Result<()> {
-        match self {
-            Inode::Open(fd) => sys::set_xattr_open_fd(fd, name, value, 0),
-            Inode::Handle(fd) => sys::set_xattr(fd, name, value, 0),
-        }
-    }
-}
-
-/// Copies the extended attributes of `src` onto the new object `dst`.
+/// Copies the extended attributes of `src` onto the new object, which `set(name, value)`
+/// gives one.
 fn copy_xattrs(
-    src: Inode<'_>,
-    dst: Inode<'_>,
+    src: sys::XattrSource<'_>,
+    set: impl Fn(&CStr, &[u8]) -> io::Result<()>,
     kind: libc::mode_t,
     private_prefix: &str,
 ) -> io::Result<()> {
-    for xname in src.list_xattr()? {
+    for xname in src.list()? {
         let bytes = xname.as_bytes();
         if !crate::xattr::is_user_data(bytes, private_prefix) {
             continue;
         }
         let cname = CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // Gone since the listing: nothing to copy.
-        let Some(value) = src.get_xattr(&cname)? else {
+        let Some(value) = src.get(&cname)? else {
             continue;
         };
-        if let Err(e) = dst.set_xattr(&cname, &value) {
+        if let Err(e) = set(&cname, &value) {
             let must = must_copy_xattr(bytes);
             match e.raw_os_error() {
                 // The upper filesystem does not know this attribute: like the kernel overlay,

@@ -163,6 +163,8 @@ pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
 pub enum XattrSource<'a> {
     /// Through the object's handle.
     Handle(BorrowedFd<'a>),
+    /// A descriptor opened for I/O (`f*xattr`: no path walk).
+    Open(BorrowedFd<'a>),
     /// An object of a layer that does not change while mounted (a lower layer), just opened
     /// as `name` in `dir`: by name (see [`get_xattr_of_entry`]).
     LowerEntry {
@@ -177,16 +179,25 @@ impl XattrSource<'_> {
     pub fn get(&self, attr: &CStr) -> io::Result<Option<Vec<u8>>> {
         match *self {
             XattrSource::Handle(fd) => get_xattr(fd, attr),
+            XattrSource::Open(fd) => get_xattr_open_fd(fd, attr),
             XattrSource::LowerEntry { dir, name, handle } => {
                 get_xattr_of_entry(dir, name, handle, attr)
             }
         }
     }
 
-    /// The object's handle.
+    /// The names of all the object's attributes.
+    pub fn list(&self) -> io::Result<Vec<OsString>> {
+        match *self {
+            XattrSource::Open(fd) => list_xattr_open_fd(fd),
+            _ => list_xattr(self.handle()),
+        }
+    }
+
+    /// The object's descriptor.
     pub fn handle(&self) -> BorrowedFd<'_> {
         match *self {
-            XattrSource::Handle(fd) => fd,
+            XattrSource::Handle(fd) | XattrSource::Open(fd) => fd,
             XattrSource::LowerEntry { handle, .. } => handle,
         }
     }
