@@ -540,6 +540,44 @@ scenario!(
     }
 );
 
+/// `base`, plus whiteouts in directories no lower layer has (`ud`) or whose lower one is
+/// hidden (`opq`): a union leaves these when the directory was once merged, and an image
+/// layer may carry them. ovlfuse makes a new name there without looking it up first.
+fn whiteouts_in_unmerged_dirs(l: &Layers) {
+    base(l);
+    l.up().whiteout("ud/w").whiteout("opq/w");
+}
+
+scenario!(
+    making_names_in_unmerged_dirs_over_whiteouts_and_existing_names,
+    whiteouts_in_unmerged_dirs,
+    |o| {
+        o.create_excl("ud/f", 0o644);
+        o.create_excl("ud/w", 0o640);
+        o.create_excl("ud/new", 0o600);
+        o.mkdir("ud/f", 0o755);
+        o.mkdir("ud/new", 0o755);
+        o.symlink("x", "ud/new");
+        o.mkfifo("ud/new", 0o644);
+        o.create_excl("opq/vis", 0o644);
+        o.create_excl("opq/hidden", 0o644);
+        o.mkdir("opq/w", 0o750);
+        o.create_excl("uempty/a", 0o644);
+        o.create_excl("uempty/a", 0o644);
+        for p in [
+            "ud",
+            "ud/w",
+            "ud/new",
+            "opq",
+            "opq/w",
+            "opq/hidden",
+            "uempty",
+        ] {
+            o.show(p);
+        }
+    }
+);
+
 scenario!(
     open_creat_without_excl_on_existing_files_keeps_content,
     base,
