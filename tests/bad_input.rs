@@ -1545,6 +1545,7 @@ fn namespace_changes_without_free_inodes_fail_with_enospc_and_change_nothing() {
     let k = mount_kernel_overlay(&layers_on(&tk, vec![lower.clone()]));
     let f = mount_ovlfuse_logged(&layers_on(&tf, vec![lower]), "");
     let (kroot, froot) = (k.path().to_path_buf(), f.p(""));
+    let upper_fs = tf.p("");
     let (kfill, ffill, kops, fops, freed) = with_timeout(T, move || {
         let kfill = use_up_inodes(&kroot);
         let ffill = use_up_inodes(&froot);
@@ -1553,6 +1554,14 @@ fn namespace_changes_without_free_inodes_fail_with_enospc_and_change_nothing() {
         // Free the inodes: everything works again.
         for i in 2..ffill.0 {
             fs::remove_file(froot.join(format!("fill{i}"))).unwrap();
+        }
+        // A removed file's inode is released when the kernel forgets it (the daemon holds
+        // the object until then), which comes a moment later on a busy machine: wait for
+        // the four inodes the changes below take (a file, a directory, a copy-up and its
+        // whiteout), but not forever.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while free_inodes_at(&upper_fs) < 4 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let freed = [
             fmt_res(&fs::write(froot.join("after"), b"a"), |_| String::new()),

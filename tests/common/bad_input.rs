@@ -124,8 +124,13 @@ impl TinyTmpfs {
 
     /// Free inodes.
     pub fn free_inodes(&self) -> u64 {
-        statvfs(&self.dir).map_or(0, |s| s.f_favail)
+        free_inodes_at(&self.dir)
     }
+}
+
+/// Free inodes of the filesystem holding `p` (0 if it cannot be asked).
+pub fn free_inodes_at(p: &Path) -> u64 {
+    statvfs(p).map_or(0, |s| s.f_favail)
 }
 
 impl Drop for TinyTmpfs {
