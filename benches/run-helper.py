@@ -21,6 +21,7 @@ utime+stime from /proc/PID/stat and its peak RSS VmHWM from /proc/PID/status.
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,6 +50,14 @@ def daemon_cpu(pid):
         return (int(fields[11]) + int(fields[12])) / TICK
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
+
+
+def workload_cpu():
+    """utime+stime of this helper and of the commands it ran and waited for, in seconds: the
+    CPU a workload spends in its own processes (for native ext4 and the kernel overlay, that
+    includes all the filesystem work; for a FUSE subject, all but the daemon's)."""
+    own, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
 
 
 def daemon_status(pid, key):
@@ -308,7 +317,7 @@ def cmd_session(name, subject, rnd, root, pid, raw):
                 rec.update(status="skipped", detail="an earlier workload of the session failed")
                 out.write(json.dumps(rec) + "\n")
                 continue
-            c0 = daemon_cpu(pid)
+            c0, w0 = daemon_cpu(pid), workload_cpu()
             t0 = time.perf_counter()
             try:
                 fn(root, timeout)
@@ -319,8 +328,8 @@ def cmd_session(name, subject, rnd, root, pid, raw):
                 status = "failed"
                 detail = ("EMFILE: " if e.errno == 24 else "") + f"{e.strerror}: {e.filename or ''}"
             wall = time.perf_counter() - t0
-            c1 = daemon_cpu(pid)
-            rec.update(status=status, detail=detail, wall=wall,
+            c1, w1 = daemon_cpu(pid), workload_cpu()
+            rec.update(status=status, detail=detail, wall=wall, workload_cpu=w1 - w0,
                        cpu=(c1 - c0) if c0 is not None and c1 is not None else None,
                        cpu_total=c1, hwm_kib=daemon_status(pid, "VmHWM"))
             out.write(json.dumps(rec) + "\n")
@@ -514,6 +523,7 @@ def cmd_runtime(root):
 SUBJECTS = ["native", "kernel", "fo1", "ovlfuse", "ovlfuse-plain"]
 LABEL = {"native": "native ext4", "kernel": "kernel overlay (K)", "fo1": "fuse-overlayfs (FO1)",
          "ovlfuse": "ovlfuse (fuseblk)", "ovlfuse-plain": "ovlfuse -o nofuseblk"}
+DAEMONS = ("fo1", "ovlfuse", "ovlfuse-plain")
 SHORT = {"native": "native", "kernel": "K", "fo1": "FO1", "ovlfuse": "ovlfuse",
          "ovlfuse-plain": "plain"}
 WORKLOADS = [  # (workload, target ovlfuse/K, what)
@@ -622,16 +632,24 @@ def cmd_report(raw, results):
                 rr.append(ratio(w, o, "fo1"))
         rrows.append(rr)
         cr = [w]
-        for s in [s for s in subjects if s in ("fo1", "ovlfuse", "ovlfuse-plain")]:
-            rs = by.get((w, s), [])
-            cpu = [r["cpu"] for r in rs if r["status"] == "ok" and r.get("cpu") is not None]
-            hwm = [r["hwm_kib"] for r in rs if r.get("hwm_kib") is not None]
-            cr.append(f"{med(cpu):.3f}" if cpu else "-")
+        for s in subjects:
+            rs = [r for r in by.get((w, s), []) if r["status"] == "ok"]
+            own = [r["workload_cpu"] for r in rs if r.get("workload_cpu") is not None]
+            own_txt = f"{med(own):.2f}" if own else "-"
+            if s not in DAEMONS:
+                cr.append(own_txt)
+                continue
+            cpu = [r["cpu"] for r in rs if r.get("cpu") is not None]
+            hwm = [r["hwm_kib"] for r in by.get((w, s), []) if r.get("hwm_kib") is not None]
+            cr.append(f"{own_txt} + {med(cpu):.2f}" if cpu else "-")
             cr.append(f"{med(hwm) / 1024:.1f} / {max(hwm) / 1024:.1f}" if hwm else "-")
         crows.append(cr)
     chead = ["workload"]
-    for s in [s for s in subjects if s in ("fo1", "ovlfuse", "ovlfuse-plain")]:
-        chead += [f"{SHORT[s]} CPU s", f"{SHORT[s]} peak RSS MiB (median / max)"]
+    for s in subjects:
+        if s in DAEMONS:
+            chead += [f"{SHORT[s]} CPU s (workload + daemon)", f"{SHORT[s]} peak RSS MiB (median / max)"]
+        else:
+            chead.append(f"{SHORT[s]} CPU s")
 
     # terminal
     def term_table(h, rs):
@@ -643,7 +661,7 @@ def cmd_report(raw, results):
     print(term_table(head, [[c.replace("**", "") for c in r] for r in rows]))
     print("\nratios of the medians (target: ovlfuse/K)")
     print(term_table(rhead, rrows))
-    print("\ndaemon CPU seconds during the workload (median) and peak RSS of the mount")
+    print("\nCPU seconds during the workload (medians: the workload's own + the daemon's) and peak RSS of the mount")
     print(term_table(chead, crows))
     print(f"\nload average: {E['BENCH_LOAD_NOTE']}")
     memtxt = mem_report(mem)
@@ -707,10 +725,13 @@ ovlfuse column failed (its surviving runs are not comparable).
 Where the time goes for each miss, and what would close it: `benches/PROFILES.md`
 (profiles taken by hand, with the commit they describe).
 
-## Daemon CPU and memory
+## CPU and memory
 
-CPU = utime+stime of the daemon (`/proc/PID/stat`) during the timed workload, median over
-the rounds. Peak RSS = `VmHWM` (`/proc/PID/status`) read right after the workload, before
+CPU = utime+stime during the timed workload, median over the rounds: the workload's own
+processes (`getrusage` of the benchmark helper and the commands it waited for) and, for the
+FUSE subjects, `+` the daemon's (`/proc/PID/stat`). For native ext4 and the kernel overlay
+the workload's own CPU holds all the filesystem's work, so it is the yardstick for the
+daemon's. Peak RSS = `VmHWM` (`/proc/PID/status`) read right after the workload, before
 unmount: the peak of that mount so far (a mount of a two-workload session carries the
 first into the second); median / max over the rounds.
 
