@@ -219,9 +219,7 @@ pub fn apply(object: BorrowedFd<'_>, open: Option<&OwnedFd>, change: &Change) ->
         })?;
     }
     if let Some(mode) = change.mode {
-        let path = sys::proc_fd_path(object);
-        // SAFETY: valid path; the magic link lands on the handle's own object.
-        sys::check(unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) })?;
+        sys::chmod_handle(object, mode & 0o7777)?;
     }
     if let Some(size) = change.size {
         let reopened;
