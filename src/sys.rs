@@ -1117,14 +1117,30 @@ mod chmod_nofollow_tests {
         (outside, layer)
     }
 
-    #[test]
-    fn chmod_nofollow_changes_the_object_and_refuses_a_symlink() {
+    /// The mode bits of `p`, not following a symlink.
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode()
+    }
+
+    /// [`layer_with_a_link_out`] with the outside file at mode 0600, and the layer's
+    /// `O_PATH` handle: (tmp, outside, layer, handle).
+    fn chmod_fixture() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        OwnedFd,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let (outside, layer) = layer_with_a_link_out(&tmp);
         std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
         let dir = open_dir_path(&layer).unwrap();
+        (tmp, outside, layer, dir)
+    }
+
+    #[test]
+    fn chmod_nofollow_changes_the_object_and_refuses_a_symlink() {
+        let (_tmp, outside, layer, dir) = chmod_fixture();
         chmod_at(dir.as_fd(), c"file", 0o4751).unwrap();
-        let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
         assert_eq!(mode(&layer.join("file")) & 0o7777, 0o4751);
         let err = chmod_at(dir.as_fd(), c"link", 0o777).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
@@ -1139,11 +1155,7 @@ mod chmod_nofollow_tests {
     /// directory's, and neither follows a symlink handle to its target: they agree.
     #[test]
     fn chmod_of_a_handle_acts_on_its_own_object_both_ways() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (outside, layer) = layer_with_a_link_out(&tmp);
-        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let dir = open_dir_path(&layer).unwrap();
-        let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+        let (_tmp, outside, layer, dir) = chmod_fixture();
         type Chmod = fn(BorrowedFd<'_>, libc::mode_t) -> io::Result<()>;
         let ways: [(&str, Chmod); 2] = [("fchmodat2", chmod_handle), ("/proc", chmod_through_proc)];
         for (way, chmod) in ways {
