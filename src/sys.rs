@@ -1060,8 +1060,8 @@ pub fn chmod_fd(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
 static NO_FCHMODAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `chmod` of the object behind a handle, whatever it is (`O_PATH` included): fchmodat2 with
-/// an empty path (Linux 6.6), a fifth of the cost of the handle's `/proc/self/fd` link,
-/// which is the way on older kernels. fchmod refuses `O_PATH` descriptors.
+/// an empty path (Linux 6.6), which spares the path walk and magic link of the handle's
+/// `/proc/self/fd` link, the way on older kernels. fchmod refuses `O_PATH` descriptors.
 pub fn chmod_handle(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     use std::sync::atomic::Ordering;
     if !NO_FCHMODAT2.load(Ordering::Relaxed) {

@@ -541,8 +541,8 @@ scenario!(
 );
 
 /// `base`, plus whiteouts in directories no lower layer has (`ud`) or whose lower one is
-/// hidden (`opq`): a union leaves these when the directory was once merged, and an image
-/// layer may carry them. ovlfuse makes a new name there without looking it up first.
+/// hidden (`opq`): an upper layer used before over other lower layers, or an image layer,
+/// may hold these. ovlfuse makes a new name there without looking it up first.
 fn whiteouts_in_unmerged_dirs(l: &Layers) {
     base(l);
     l.up().whiteout("ud/w").whiteout("opq/w");
