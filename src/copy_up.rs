@@ -134,8 +134,10 @@ pub fn copy_up(
             sys::set_times_open_fd(fd.as_fd(), &st)?;
         }
         None => {
+            // `handle` is the object just made (its kind checked above), so no name is
+            // looked up again.
             if kind != libc::S_IFLNK {
-                sys::chmod_at(work, &temp, st.st_mode & 0o7777)?;
+                sys::chmod_handle(handle.as_fd(), st.st_mode & 0o7777)?;
             }
             sys::set_times_at(work, &temp, &st)?;
         }

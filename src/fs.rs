@@ -816,7 +816,8 @@ impl Core {
             self.setid_caller(req.uid(), req.gid(), req.pid()),
             why,
         ) {
-            sys::chmod_fd(file, mode).map_err(errno)?;
+            // Stated just above: a regular file, so no symlink check is needed.
+            sys::chmod_handle(file, mode).map_err(errno)?;
         }
         Ok(())
     }

@@ -889,7 +889,8 @@ fn make_in_place(
             };
             let want = perm | inherited;
             if stat.st_mode & 0o7777 != want {
-                sys::chmod_fd(obj.as_fd(), want)?;
+                // Not a symlink (excluded above), so the stat taken needs no repeating.
+                sys::chmod_handle(obj.as_fd(), want)?;
                 stat.st_mode = (stat.st_mode & libc::S_IFMT) | want;
             }
         }
